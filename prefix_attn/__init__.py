@@ -1,0 +1,37 @@
+"""prefix_attn: fused prefix attention (prefix tuning) for PyTorch.
+
+``prefix_attention(q, k, v, prefix_k, prefix_v)`` attends every text query to a shared prefix K/V block
+``[heads_kv, P, head_dim]`` read in place, plus the (causal) text keys, with a fused backward that sums the
+prefix gradients over the batch. Importing this package never touches a GPU and never compiles anything.
+"""
+
+from .ops import BACKENDS, PrefixAttentionFunction, available_backends, prefix_attention
+from .reference import prefix_attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prefix_attention",
+    "PrefixAttentionFunction",
+    "prefix_attention_reference",
+    "available_backends",
+    "BACKENDS",
+    "PrefixTuning",
+    "enable",
+    "disable",
+]
+
+_LAZY = {
+    "PrefixTuning": ("prefix_attn.prefix", "PrefixTuning"),
+    "enable": ("prefix_attn.integrations.transformers", "enable"),
+    "disable": ("prefix_attn.integrations.transformers", "disable"),
+}
+
+
+def __getattr__(name):  # PEP 562: the Hugging Face pieces load only when asked for
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'prefix_attn' has no attribute {name!r}")

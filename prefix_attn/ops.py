@@ -1,0 +1,258 @@
+"""The public op: input checks, backend choice and the autograd Function.
+
+Name chain::
+
+    _prefix_attn_fwd_kernel / _bwd_*        prefix_attn/triton/kernels.py, csrc/prefix_attn_cpu.cpp
+    prefix_attn_fwd / prefix_attn_bwd       launchers, one pair per backend module
+    PrefixAttentionFunction                 autograd, saves (q, k, v, prefix, out, lse, mask)
+    prefix_attention                        this module: checks inputs, picks a backend
+
+Every backend module exposes the same two launchers::
+
+    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale) -> (out, lse)
+    prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+                    need_dq, need_dkv, need_dprefix) -> (dq, dk, dv, dprefix_k, dprefix_v)
+
+with ``attention_mask`` either None or a bool ``[batch, len_k]`` tensor, ``softmax_scale`` a float, ``lse``
+a float32 ``[batch, heads_q, len_q]`` natural-log log-sum-exp (+inf where a query sees no key), and
+gradients the unneeded ones of which may be None.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .reference import prefix_attention_reference
+
+__all__ = ["prefix_attention", "PrefixAttentionFunction", "available_backends", "BACKENDS"]
+
+BACKENDS = ("triton", "cpu", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale) -> None:
+    """Raise TypeError/ValueError naming the argument and the expected shape."""
+    named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, heads_q, len_q, head_dim] (rank 4), got shape {_shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads_kv, len_k, head_dim] (rank 4), got shape {_shape(t)}")
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must be [heads_kv, num_prefix, head_dim] (rank 3, shared by every batch row), "
+                f"got shape {_shape(t)}"
+            )
+    batch, heads_q, len_q, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [batch, heads_kv, len_k, head_dim], "
+                         f"got k {_shape(k)} and v {_shape(v)}")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k and prefix_v must have the same shape [heads_kv, num_prefix, head_dim], "
+                         f"got prefix_k {_shape(prefix_k)} and prefix_v {_shape(prefix_v)}")
+    kb, heads_kv, len_k, kd = k.shape
+    if kb != batch:
+        raise ValueError(f"k must be [batch={batch}, heads_kv, len_k, head_dim] like q, got shape {_shape(k)}")
+    if kd != head_dim:
+        raise ValueError(f"k must be [batch, heads_kv, len_k, head_dim={head_dim}] like q, got shape {_shape(k)}")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"heads_q={heads_q} (q.shape[1]) must be a multiple of heads_kv={heads_kv} "
+                         f"(k.shape[1]) for grouped-query attention")
+    if len_q > len_k:
+        raise ValueError(f"len_q={len_q} (q.shape[2]) must be <= len_k={len_k} (k.shape[2]): queries are "
+                         f"the last len_q text positions")
+    if head_dim == 0:
+        raise ValueError("head_dim (q.shape[3]) must be >= 1")
+    if prefix_k.shape[0] != heads_kv or prefix_k.shape[2] != head_dim:
+        raise ValueError(f"prefix_k must be [heads_kv={heads_kv}, num_prefix, head_dim={head_dim}], "
+                         f"got shape {_shape(prefix_k)}")
+    for name, t in named:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all of q, k, v, prefix_k, "
+                            f"prefix_v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share a device")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or 0/1 integers [batch={batch}, len_k={len_k}], "
+                            f"got dtype {attention_mask.dtype} (additive float masks are not accepted)")
+        if tuple(attention_mask.shape) != (batch, len_k):
+            raise ValueError(f"attention_mask must be [batch={batch}, len_k={len_k}] (1 = text key visible), "
+                             f"got shape {_shape(attention_mask)}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    """(module or None, reason)."""
+    try:
+        from . import triton as triton_backend  # noqa: PLC0415 - lazy: importing triton is slow
+    except Exception as exc:  # ImportError, or a broken Triton install
+        return None, f"Triton could not be imported: {type(exc).__name__}: {exc}"
+    return triton_backend, "ok"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_status():
+    """(module or None, reason): the native C++ extension, built by setup.py or JIT-compiled on first use."""
+    try:
+        from . import cpu as cpu_backend  # noqa: PLC0415
+    except ImportError as exc:
+        return None, f"no native CPU backend module: {exc}"
+    ok, reason = cpu_backend.is_available()
+    return (cpu_backend if ok else None), reason
+
+
+def available_backends() -> dict:
+    """{backend: reason}, "ok" when usable on this machine (the Triton entry says whether a GPU is there)."""
+    tri, tri_reason = _triton_status()
+    if tri is not None and not torch.cuda.is_available():
+        tri_reason = ("ok (interpreter: TRITON_INTERPRET=1)" if _triton_interpreting()
+                      else "importable, but no CUDA GPU (set TRITON_INTERPRET=1 to run it on the CPU)")
+    _, cpu_reason = _cpu_status()
+    return {"triton": tri_reason, "cpu": cpu_reason, "torch": "ok"}
+
+
+_warned_fallback = False
+
+
+def _pick_backend(q: torch.Tensor, backend: Optional[str]) -> str:
+    global _warned_fallback
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend is None:
+        if q.is_cuda:
+            return "triton"
+        if q.device.type != "cpu":
+            raise ValueError(f"prefix_attention supports CUDA and CPU tensors, got device {q.device}; "
+                             f"pass backend='torch' to run the reference on it")
+        mod, reason = _cpu_status()
+        if mod is not None:
+            return "cpu"
+        if not _warned_fallback:
+            warnings.warn(f"prefix_attn: native CPU kernel unavailable ({reason}); using the PyTorch "
+                          f"reference for CPU tensors", RuntimeWarning, stacklevel=3)
+            _warned_fallback = True
+        return "torch"
+    if backend == "triton":
+        mod, reason = _triton_status()
+        if mod is None:
+            raise RuntimeError(f"backend='triton' requested but {reason}")
+        if not q.is_cuda and not (q.device.type == "cpu" and _triton_interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); on the CPU set "
+                             f"TRITON_INTERPRET=1 before importing triton to run the kernels interpreted")
+    elif backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
+        mod, reason = _cpu_status()
+        if mod is None:
+            raise RuntimeError(f"backend='cpu' requested but the native CPU kernel is unavailable: {reason}")
+    return backend
+
+
+def _backend_module(name: str):
+    return (_triton_status if name == "triton" else _cpu_status)()[0]
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Fused prefix attention with a fused backward. Not for direct use: call ``prefix_attention``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
+        mod = _backend_module(backend)
+        out, lse = mod.prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        ctx.attention_mask = attention_mask  # bool, not differentiable
+        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mod = _backend_module(ctx.backend)
+        dq, dk, dv, dpk, dpv = mod.prefix_attn_bwd(
+            dout, q, k, v, prefix_k, prefix_v, ctx.attention_mask, out, lse, ctx.causal, ctx.softmax_scale,
+            need_dq=needs[0], need_dkv=needs[1] or needs[2], need_dprefix=needs[3] or needs[4],
+        )
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None)
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention over a shared prefix K/V block plus the text K/V, without expanding the prefix.
+
+    Args:
+        q:              ``[batch, heads_q, len_q, head_dim]``
+        k, v:           ``[batch, heads_kv, len_k, head_dim]``; ``heads_q % heads_kv == 0``; ``len_q <= len_k``
+        prefix_k/v:     ``[heads_kv, P, head_dim]``, read in place for every batch row; ``P`` may be 0
+        causal:         text query ``i`` (text position ``len_k - len_q + i``) sees text keys ``j <= len_k - len_q + i``
+        softmax_scale:  default ``head_dim ** -0.5``
+        attention_mask: ``[batch, len_k]`` bool or 0/1 int, 1 = text key visible; prefix slots are always visible
+        backend:        None (CUDA -> "triton", CPU -> "cpu" if built else "torch"), or force one of those
+
+    Returns:
+        ``[batch, heads_q, len_q, head_dim]`` in the dtype of ``q``.
+
+    Which keys a query sees, for ``len_q == len_k == 3`` and ``P == 2`` (causal)::
+
+                    prefix | text keys
+          query 0   1 1    | 1 0 0
+          query 1   1 1    | 1 1 0
+          query 2   1 1    | 1 1 1
+
+    With ``len_q < len_k`` (decoding) the queries are the last rows of that picture (bottom-right
+    aligned). A query that sees no key at all (``P == 0`` and fully padded) outputs zeros.
+    Gradients flow to all five tensors; the prefix gradients are summed over the batch rows.
+    """
+    _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale)
+    backend = _pick_backend(q, backend)
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    mask = None if attention_mask is None else attention_mask.to(torch.bool)
+    if backend == "torch" or q.shape[2] == 0:
+        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=bool(causal), softmax_scale=scale,
+                                          attention_mask=mask)
+    if backend == "triton":
+        if head_dim > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"head_dim={head_dim} (q.shape[3]) is above the Triton kernels' limit of "
+                             f"{TRITON_MAX_HEAD_DIM}")
+        if q.dtype == torch.float64 and q.is_cuda:
+            raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
+    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, bool(causal), scale, backend)

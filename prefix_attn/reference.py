@@ -1,0 +1,110 @@
+"""Plain PyTorch prefix attention: the test oracle, the ``"torch"`` backend and the benchmark baseline.
+
+Shapes, used everywhere in the package::
+
+    q:              [batch, heads_q,  len_q, head_dim]
+    k, v:           [batch, heads_kv, len_k, head_dim]     heads_q % heads_kv == 0, len_q <= len_k
+    prefix_k/v:     [heads_kv, P, head_dim]                shared by every batch row, P may be 0
+    attention_mask: [batch, len_k] bool / 0-1 int         1 = text key visible (prefix always visible)
+    out:            [batch, heads_q, len_q, head_dim]
+    lse:            [batch, heads_q, len_q]  float32/64, natural log; -inf where a query sees no key
+
+This implementation does exactly what the fused kernels avoid: it expands the prefix over the batch,
+concatenates it with the text keys/values and materialises the full score matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["visible_mask", "prefix_attention_reference", "attention_flops"]
+
+
+def visible_mask(
+    len_q: int,
+    len_k: int,
+    num_prefix: int,
+    *,
+    causal: bool = True,
+    attention_mask: Optional[torch.Tensor] = None,
+    device=None,
+) -> torch.Tensor:
+    """Which keys each query sees, over ``[prefix | text]``.
+
+    Returns a bool tensor ``[batch or 1, 1, len_q, num_prefix + len_k]``. Query ``i`` sits at text
+    position ``len_k - len_q + i`` (bottom-right alignment) and sees every prefix slot, plus text key
+    ``j`` when ``j <= len_k - len_q + i`` (if ``causal``) and ``attention_mask[b, j]`` (if given).
+    """
+    if attention_mask is not None:
+        device = attention_mask.device
+    qpos = torch.arange(len_q, device=device) + (len_k - len_q)
+    kpos = torch.arange(len_k, device=device)
+    text = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if causal:
+        text = kpos[None, :] <= qpos[:, None]
+    text = text[None, None]  # [1, 1, len_q, len_k]
+    if attention_mask is not None:
+        text = text & attention_mask.to(torch.bool)[:, None, None, :]
+    prefix = torch.ones(text.shape[0], 1, len_q, num_prefix, dtype=torch.bool, device=device)
+    return torch.cat([prefix, text], dim=-1)
+
+
+def prefix_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    return_lse: bool = False,
+):
+    """Expand + concat + masked softmax, differentiable by PyTorch autograd.
+
+    Math runs in ``compute_dtype`` (default: float64 for float64 inputs, float32 otherwise); the
+    output has the dtype of ``q``. A query that sees no key at all (possible only with ``P == 0`` and
+    a padding mask) gets a zero output, as in flash-attention.
+    """
+    batch, heads_q, len_q, head_dim = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    num_prefix = prefix_k.shape[1]
+    group = heads_q // heads_kv
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+
+    def full(prefix: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        expanded = prefix.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, Hkv, P, D]
+        kv = torch.cat([expanded.to(compute_dtype), text.to(compute_dtype)], dim=2)
+        return kv.repeat_interleave(group, dim=1) if group > 1 else kv  # [B, Hq, P+Tk, D]
+
+    keys, values = full(prefix_k, k), full(prefix_v, v)
+    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    allowed = visible_mask(
+        len_q, len_k, num_prefix, causal=causal, attention_mask=attention_mask, device=q.device
+    )
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = torch.matmul(probs, values).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def attention_flops(batch: int, heads_q: int, len_q: int, len_k: int, num_prefix: int, head_dim: int,
+                    causal: bool = True) -> Tuple[float, float]:
+    """(forward, backward) FLOPs by flash-attention's convention: fwd = 4*B*Hq*Lq*D*(P + visible text),
+    bwd = 2.5 * fwd. With causal text and Lq == Lk the visible text counts as Lk / 2."""
+    text = (len_k - len_q) + len_q / 2 if causal else len_k
+    fwd = 4.0 * batch * heads_q * len_q * head_dim * (num_prefix + text)
+    return fwd, 2.5 * fwd

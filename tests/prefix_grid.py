@@ -1,0 +1,133 @@
+"""The correctness grid shared by every backend's tests, and the comparison rule.
+
+Each case is computed three ways: the backend under test, the float64 reference, and the reference run in
+the same low precision as the inputs ("plain PyTorch"). The backend's error against float64 must stay
+within 2x (outputs) / 3x (gradients) of plain PyTorch's own error, plus a small per-dtype floor relative
+to the magnitude of the result (flash-attention's criterion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from prefix_attn.reference import prefix_attention_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    heads_kv: int
+    group: int  # heads_q // heads_kv
+    len_q: int
+    len_k: int
+    num_prefix: int
+    head_dim: int
+    causal: bool = True
+    masked: bool = False  # left padding through attention_mask
+
+    @property
+    def heads_q(self) -> int:
+        return self.heads_kv * self.group
+
+    def __str__(self) -> str:
+        return (f"B{self.batch}-Hq{self.heads_q}-Hkv{self.heads_kv}-Tq{self.len_q}-Tk{self.len_k}"
+                f"-P{self.num_prefix}-D{self.head_dim}-{'causal' if self.causal else 'full'}"
+                f"{'-mask' if self.masked else ''}")
+
+
+# Odd lengths on purpose: 1, 17, 75, 113; P = 0, 1, odd, larger than a block; every GQA ratio in {1, 2, 4};
+# len_q < len_k (decoding) and len_q == len_k; causal on and off; with and without left padding.
+GRID = [
+    Case(2, 2, 1, 17, 17, 0, 16),
+    Case(2, 2, 1, 17, 17, 1, 32, masked=True),
+    Case(1, 1, 4, 1, 1, 3, 16),
+    Case(3, 1, 2, 1, 1, 0, 16, masked=True),
+    Case(2, 2, 2, 75, 75, 7, 64, masked=True),
+    Case(1, 2, 4, 75, 75, 40, 40),
+    Case(2, 1, 1, 5, 75, 40, 64, masked=True),
+    Case(1, 2, 2, 1, 17, 7, 32),
+    Case(2, 2, 1, 17, 17, 40, 16, causal=False, masked=True),
+    Case(1, 1, 2, 13, 75, 1, 64, causal=False),
+    Case(2, 1, 4, 17, 17, 0, 40, causal=False, masked=True),
+    Case(1, 2, 1, 33, 70, 0, 128, masked=True),
+    Case(2, 1, 1, 113, 113, 17, 16, masked=True),
+    Case(1, 1, 4, 113, 113, 3, 24),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Floors, relative to max(1, |reference|): what rounding of the inputs alone can cost.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+NAMES = ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def grid_params(grid=GRID, dtypes=DTYPES):
+    return [pytest.param(case, dtype, id=f"{case}-{dtype_id(dtype)}") for case in grid for dtype in dtypes]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """Fresh random q, k, v, prefix_k, prefix_v, attention_mask (left padding or None), dout."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    q = rnd(case.batch, case.heads_q, case.len_q, case.head_dim)
+    k = rnd(case.batch, case.heads_kv, case.len_k, case.head_dim)
+    v = rnd(case.batch, case.heads_kv, case.len_k, case.head_dim)
+    pk = rnd(case.heads_kv, case.num_prefix, case.head_dim)
+    pv = rnd(case.heads_kv, case.num_prefix, case.head_dim)
+    dout = rnd(case.batch, case.heads_q, case.len_q, case.head_dim)
+    mask = None
+    if case.masked:
+        # row 0 unpadded, the others left-padded by a random amount (possibly everything but one key)
+        pad = torch.randint(0, case.len_k, (case.batch,), generator=gen)
+        pad[0] = 0
+        mask = (torch.arange(case.len_k)[None, :] >= pad[:, None]).to(device)
+    return q, k, v, pk, pv, mask, dout
+
+
+def run_with_grads(fn: Callable, q, k, v, pk, pv, mask, dout, causal: bool, requires=(True,) * 5):
+    """Call fn on leaf copies, backprop dout; returns (out, grads tuple with None where not required)."""
+    leaves = [t.detach().clone().requires_grad_(r) for t, r in zip((q, k, v, pk, pv), requires)]
+    out = fn(*leaves, causal=causal, attention_mask=mask)
+    if any(requires):
+        out.backward(dout.to(out.dtype))
+    return out.detach(), tuple(None if t.grad is None else t.grad.detach() for t in leaves)
+
+
+def reference_fn(compute_dtype: Optional[torch.dtype]):
+    def fn(q, k, v, pk, pv, *, causal, attention_mask):
+        return prefix_attention_reference(q, k, v, pk, pv, causal=causal, attention_mask=attention_mask,
+                                          compute_dtype=compute_dtype)
+    return fn
+
+
+def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
+    """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
+    q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+    out, grads = run_with_grads(fn, q, k, v, pk, pv, mask, dout, case.causal)
+    as64 = [t.double() for t in (q, k, v, pk, pv, dout)]
+    ref, ref_grads = run_with_grads(reference_fn(torch.float64), *as64[:5], mask, as64[5], case.causal)
+    low, low_grads = run_with_grads(reference_fn(dtype), q, k, v, pk, pv, mask, dout, case.causal)
+    assert out.shape == ref.shape and out.dtype == dtype
+    for i, (name, got, want, plain) in enumerate(zip(NAMES, (out,) + grads, (ref,) + ref_grads,
+                                                     (low,) + low_grads)):
+        assert got is not None, f"{name} missing"
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+        plain_err = (plain.double() - want).abs().max().item() if want.numel() else 0.0
+        scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
+        bound = (2.0 if i == 0 else 3.0) * plain_err + FLOOR[dtype] * scale
+        assert err <= bound, (f"{case} {dtype_id(dtype)} {name}: max error {err:.3e} > bound {bound:.3e} "
+                              f"(plain PyTorch error {plain_err:.3e})")

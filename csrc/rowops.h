@@ -1,0 +1,169 @@
+// Row-wise softmax pieces of the CPU kernel, one fused pass over a score tile each.
+//
+// The matrix products run in ATen's CPU BLAS (MKL / oneDNN); what remains per score element is an
+// exp, a max, a sum and a few multiplies. Written as plain loops with `#pragma omp simd` so that
+// -O3 vectorises them, and compiled three times for float (x86-64 baseline, AVX2+FMA, AVX-512) with
+// GCC/Clang function multiversioning: the loader picks the widest the CPU supports, so the binary is
+// not tied to the build machine's -march.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
+#define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define PREFIX_ATTN_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFIX_ATTN_INLINE inline __attribute__((always_inline))
+#else
+#define PREFIX_ATTN_INLINE inline
+#endif
+
+namespace prefix_attn {
+
+// exp(x) in float, relative error ~2 ulp, exactly 0 for x < -87.3 (so -inf gives 0).
+// Cephes' polynomial after the usual 2^n range reduction; branch-free so that it vectorises.
+// Only ever called on x <= ~0 (scores minus their running max or their log-sum-exp).
+PREFIX_ATTN_INLINE float exp_approx(float x) {
+  const float lo = -87.33654f;
+  float xc = x < lo ? lo : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  float t = xc * 1.44269504088896341f;
+  float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  float f = xc - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * f * f + f + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  float r = y * pow2;
+  return x < lo ? 0.0f : r;
+}
+
+PREFIX_ATTN_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// Forward, one kv block: for each row r of S [rows, n] (raw q.k products), mask, scale, fold into the
+// running max m[r] / sum l[r], overwrite S with the unnormalised probabilities and rescale the output
+// accumulator acc[r, :dim] by exp(m_old - m_new).
+//   col_bias: 0 or -inf per column (padding mask), or nullptr
+//   lim0:     row r sees columns c < lim0 + r (causal diagonal); pass n or more for "all"
+template <typename T>
+PREFIX_ATTN_INLINE void fwd_rows_impl(T* S, int64_t rows, int64_t n, T scale, const T* col_bias, int64_t lim0,
+                                      T* m, T* l, T* acc, int64_t dim) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = S + r * n;
+    int64_t lim = lim0 + r;
+    lim = lim < 0 ? 0 : (lim > n ? n : lim);
+    T mx = neg_inf;
+    if (col_bias != nullptr) {
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < lim; ++c) {
+        T x = s[c] * scale + col_bias[c];
+        s[c] = x;
+        mx = x > mx ? x : mx;
+      }
+    } else {
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < lim; ++c) {
+        T x = s[c] * scale;
+        s[c] = x;
+        mx = x > mx ? x : mx;
+      }
+    }
+    for (int64_t c = lim; c < n; ++c) s[c] = T(0);
+    T m_new = m[r] > mx ? m[r] : mx;
+    if (m_new == neg_inf) {  // nothing visible yet: acc and l are still 0
+      for (int64_t c = 0; c < lim; ++c) s[c] = T(0);
+      continue;
+    }
+    T alpha = exp_approx(m[r] - m_new);
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < lim; ++c) {
+      T p = exp_approx(s[c] - m_new);
+      s[c] = p;
+      sum += p;
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = m_new;
+    if (alpha != T(1)) {
+      T* a = acc + r * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] *= alpha;
+    }
+  }
+}
+
+// Backward, one kv block: S [rows, n] (raw q.k) becomes P = softmax probabilities (exp(s*scale - lse)),
+// dP [rows, n] (dout.v) becomes dS = P * (dP - delta[r]) (the softmax scale is applied by the caller).
+template <typename T>
+PREFIX_ATTN_INLINE void bwd_rows_impl(T* S, T* dP, int64_t rows, int64_t n, T scale, const T* col_bias,
+                                      int64_t lim0, const T* lse, const T* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = S + r * n;
+    T* dp = dP + r * n;
+    int64_t lim = lim0 + r;
+    lim = lim < 0 ? 0 : (lim > n ? n : lim);
+    const T lr = lse[r];
+    const T dr = delta[r];
+    if (col_bias != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < lim; ++c) {
+        T p = exp_approx(s[c] * scale + col_bias[c] - lr);
+        s[c] = p;
+        dp[c] = p * (dp[c] - dr);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < lim; ++c) {
+        T p = exp_approx(s[c] * scale - lr);
+        s[c] = p;
+        dp[c] = p * (dp[c] - dr);
+      }
+    }
+    for (int64_t c = lim; c < n; ++c) {
+      s[c] = T(0);
+      dp[c] = T(0);
+    }
+  }
+}
+
+// delta[r] = sum_d dout[r, d] * out[r, d] (rows strided by ld_*)
+template <typename T>
+PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t dim,
+                                      T* res) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = a + r * lda;
+    const T* y = b + r * ldb;
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < dim; ++d) sum += x[d] * y[d];
+    res[r] = sum;
+  }
+}
+
+// The multiversioned float entry points (defined in prefix_attn_cpu.cpp) and their double twins.
+void fwd_rows(float* S, int64_t rows, int64_t n, float scale, const float* col_bias, int64_t lim0, float* m,
+              float* l, float* acc, int64_t dim);
+void fwd_rows(double* S, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0, double* m,
+              double* l, double* acc, int64_t dim);
+void bwd_rows(float* S, float* dP, int64_t rows, int64_t n, float scale, const float* col_bias, int64_t lim0,
+              const float* lse, const float* delta);
+void bwd_rows(double* S, double* dP, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0,
+              const double* lse, const double* delta);
+void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t dim, float* res);
+void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim, double* res);
+
+}  // namespace prefix_attn

@@ -1,0 +1,105 @@
+"""Launchers for the native CPU kernel (csrc/prefix_attn_cpu.cpp).
+
+The compiled module is found lazily, once, on the first call to ``is_available()`` or a launcher:
+
+1. ``prefix_attn._C``, built by ``pip install --no-build-isolation -e .`` (setup.py);
+2. otherwise a JIT build of ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` (ninja), cached in
+   torch's extensions directory (``TORCH_EXTENSIONS_DIR``, file-locked by torch, so concurrent first
+   imports build it once). Set ``PREFIX_ATTN_NO_JIT=1`` to skip this step.
+
+Importing this module compiles nothing. If neither step works, ``is_available()`` says why and
+``prefix_attn.ops`` falls back to the PyTorch reference with one warning.
+
+Shapes and conventions are those of ``prefix_attn/ops.py``. float16/bfloat16 inputs are computed in float32
+(the kernel converts q, k, v, the prefix and, in backward, dout and out once, explicitly); float64 runs in
+float64 and then returns its ``lse`` in float64 too.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+import sys
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["is_available", "source", "prefix_attn_fwd", "prefix_attn_bwd"]
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def _compile_flags() -> Tuple[list, list]:
+    """(cflags, ldflags) of the JIT build; setup.py uses the same."""
+    cflags, ldflags = ["-O3"], []
+    if sys.platform.startswith("linux"):  # OpenMP, as torch's own build: at::parallel_for needs it
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module or None, reason, source)."""
+    try:
+        from . import _C  # noqa: PLC0415 - built by setup.py
+
+        return _C, "ok", "prebuilt prefix_attn._C"
+    except ImportError as exc:
+        prebuilt = f"no prebuilt prefix_attn._C ({exc})"
+    if os.environ.get("PREFIX_ATTN_NO_JIT", "0") == "1":
+        return None, f"{prebuilt}; JIT build disabled by PREFIX_ATTN_NO_JIT=1", ""
+    sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+    if not sources:
+        return None, f"{prebuilt}; no C++ sources at {_CSRC} to JIT-compile", ""
+    try:
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        cflags, ldflags = _compile_flags()
+        # the torch version is part of the name: a module built against another torch is never reused
+        name = "prefix_attn_cpu_" + re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
+        mod = cpp_extension.load(name=name, sources=sources, extra_include_paths=[_CSRC], extra_cflags=cflags,
+                                 extra_ldflags=ldflags, verbose=os.environ.get("PREFIX_ATTN_VERBOSE_BUILD") == "1")
+    except Exception as exc:  # compiler missing, ninja missing, build error: report, never raise
+        msg = str(exc).strip().splitlines()
+        return None, f"{prebuilt}; JIT build failed: {type(exc).__name__}: {msg[-1] if msg else ''}", ""
+    return mod, "ok", f"JIT-compiled {name} under {cpp_extension.get_default_build_root()}"
+
+
+def is_available() -> Tuple[bool, str]:
+    """(True, "ok") when the native kernel loaded, else (False, why not). Never raises."""
+    try:
+        mod, reason, _ = _load()
+    except Exception as exc:  # noqa: BLE001 - never raise from here
+        return False, f"{type(exc).__name__}: {exc}"
+    return mod is not None, reason
+
+
+def source() -> str:
+    """Where the loaded kernel came from ("" when none loaded)."""
+    return _load()[2]
+
+
+def _module():
+    mod, reason, _ = _load()
+    if mod is None:
+        raise RuntimeError(f"prefix_attn native CPU kernel unavailable: {reason}")
+    return mod
+
+
+def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], causal: bool,
+                    softmax_scale: float):
+    """-> (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 inputs)."""
+    out, lse = _module().fwd(q, k, v, prefix_k, prefix_v, attention_mask, bool(causal), float(softmax_scale))
+    return out, lse
+
+
+def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], out, lse,
+                    causal: bool, softmax_scale: float, need_dq: bool = True, need_dkv: bool = True,
+                    need_dprefix: bool = True):
+    """-> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype; None for the ones not asked for."""
+    dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, bool(causal),
+                                         float(softmax_scale), bool(need_dq), bool(need_dkv), bool(need_dprefix))
+    return dq, dk, dv, dpk, dpv

@@ -21,7 +21,7 @@
 // dQ of its query heads and one [P, head_dim] partial of the prefix gradients, which are then summed over
 // the batch in batch order. Every sum runs in a fixed order: the gradients are bitwise reproducible.
 //
-// Matrix products go through ATen (at::mm_out / addmm_ on tile views: MKL or oneDNN underneath); the
+// Tile products go to the BLAS inside libtorch_cpu (MKL in the x86 wheels; see gemm() below), the
 // per-score-element softmax work is in rowops.h. float16/bfloat16 inputs are converted to float32 once
 // (explicit copies of q, k, v, the prefix and, in backward, dout and out), computed in float32 and the
 // results converted back; float64 runs in float64 (for gradcheck).
@@ -30,7 +30,13 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <limits>
 #include <string>
 #include <vector>
@@ -134,11 +140,14 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Convert to the compute dtype (a copy only for float16/bfloat16) and make rows unit-stride; other
-// strides (e.g. a [B, T, H, D] tensor viewed as [B, H, T, D]) are kept and handed to BLAS as leading dims.
+// Convert to the compute dtype (a copy only for float16/bfloat16) and make rows unit-stride and
+// non-overlapping; other strides (e.g. a [B, T, H, D] tensor viewed as [B, H, T, D]) are kept and handed to
+// BLAS as leading dimensions, without a copy.
 at::Tensor prep(const at::Tensor& t, at::ScalarType cdt) {
   at::Tensor x = t.scalar_type() == cdt ? t : t.to(cdt);
-  if (x.size(-1) > 1 && x.stride(-1) != 1) x = x.contiguous();
+  const bool rows_ok = x.size(-1) <= 1 || x.stride(-1) == 1;
+  const bool ld_ok = x.size(-2) <= 1 || x.stride(-2) >= x.size(-1);
+  if (!rows_ok || !ld_ok) x = x.contiguous();
   return x;
 }
 
@@ -179,6 +188,99 @@ MaskInfo make_mask_info(const c10::optional<at::Tensor>& attention_mask, const D
   return info;
 }
 
+// ---- matrix products on tiles ----
+//
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C with leading dimensions, through the Fortran BLAS that
+// torch itself links (MKL's sgemm_/dgemm_ in the x86 wheels), looked up at run time in libtorch_cpu. A tile
+// product is then a plain call, without the few microseconds of tensor bookkeeping an at::mm costs per
+// call (measured: ~40% of the kernel time at these tile sizes). Where torch exports no BLAS symbol, the
+// same products run through at::mm_out / addmm_ on tensor views of the tiles.
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+struct Blas {
+  sgemm_fn sgemm = nullptr;
+  dgemm_fn dgemm = nullptr;
+  bool use = false;
+};
+
+Blas find_blas() {
+  Blas blas;
+#if defined(__linux__) || defined(__APPLE__)
+#if defined(__APPLE__)
+  const char* lib = "libtorch_cpu.dylib";
+#else
+  const char* lib = "libtorch_cpu.so";
+#endif
+  void* handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);  // already loaded by `import torch`
+  if (handle != nullptr) {
+    blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(handle, "sgemm_"));
+    blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(handle, "dgemm_"));
+  }
+#endif
+  blas.use = blas.sgemm != nullptr && blas.dgemm != nullptr;
+  return blas;
+}
+
+Blas& blas() {
+  static Blas b = find_blas();
+  return b;
+}
+
+template <typename T>
+at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor t = trans ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, opts).t()
+                       : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
+  return t;
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const Blas& bl = blas();
+  if (bl.use && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX &&
+      ldc < INT32_MAX) {
+    // column-major BLAS computes C^T = op(B)^T op(A)^T on the same memory
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(std::max<int64_t>(lda, 1)), lb = static_cast<int>(std::max<int64_t>(ldb, 1));
+    const int lc = static_cast<int>(std::max<int64_t>(ldc, 1));
+    if constexpr (std::is_same<T, float>::value) {
+      bl.sgemm(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    } else {
+      bl.dgemm(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    }
+    return;
+  }
+  at::Tensor a = tile_view(A, M, K, lda, trans_a), b = tile_view(B, K, N, ldb, trans_b);
+  at::Tensor c = tile_view(C, M, N, ldc, false);
+  if (beta == T(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != T(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// A [rows, head_dim] matrix inside a 4-d [B, H, T, D] (or 3-d [H, T, D]) tensor, rows unit-stride.
+template <typename T>
+struct Rows4 {
+  const T* base;
+  int64_t sb, sh, st;
+  explicit Rows4(const at::Tensor& t)
+      : base(t.data_ptr<T>()),
+        sb(t.dim() == 4 ? t.stride(0) : 0),
+        sh(t.stride(t.dim() - 3)),
+        st(t.size(-2) > 1 ? t.stride(-2) : t.size(-1)) {}
+  const T* at(int64_t b, int64_t h, int64_t row) const { return base + b * sb + h * sh + row * st; }
+  T* mut(int64_t b, int64_t h, int64_t row) const { return const_cast<T*>(at(b, h, row)); }
+};
+
 // ---- forward ----
 
 template <typename T>
@@ -188,16 +290,15 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
+  const Rows4<T> Q(q), K(k), V(v), PK(pk), PV(pv);
   T* out_ptr = out.data_ptr<T>();  // contiguous [B, Hq, Tq, D]
   T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
+  const T sc = static_cast<T>(scale);
 
   at::parallel_for(0, d.batch * d.heads_q * nqb, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
-    auto opts = q.options();
-    at::Tensor s_buf = at::empty({block_q * block_k}, opts);
-    at::Tensor acc_buf = at::empty({block_q * D}, opts);
-    std::vector<T> m(block_q), l(block_q);
+    std::vector<T> s_buf(block_q * block_k), acc(block_q * D), m(block_q), l(block_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb;
       const int64_t hq = (task / nqb) % d.heads_q;
@@ -205,47 +306,41 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t hkv = hq / d.group;
       const int64_t q0 = qb * block_q;
       const int64_t bq = std::min(block_q, d.len_q - q0);
-      at::Tensor Q = q.select(0, b).select(0, hq).narrow(0, q0, bq);
-      at::Tensor acc = acc_buf.narrow(0, 0, bq * D).view({bq, D});
-      acc.zero_();
+      const T* q_tile = Q.at(b, hq, q0);
+      std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
 
-      auto block = [&](const at::Tensor& K, const at::Tensor& V, const T* col_bias, int64_t lim0) {
-        const int64_t n = K.size(0);
-        at::Tensor S = s_buf.narrow(0, 0, bq * n).view({bq, n});
-        at::mm_out(S, Q, K.t());
-        fwd_rows(S.data_ptr<T>(), bq, n, static_cast<T>(scale), col_bias, lim0, m.data(), l.data(),
-                 acc.data_ptr<T>(), D);
-        acc.addmm_(S, V);
+      // S = Q K^T; online softmax; acc += P V
+      auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, int64_t n, const T* col_bias,
+                       int64_t lim0) {
+        T* S = s_buf.data();
+        gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
+        fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
+        gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
       };
 
-      if (d.num_prefix > 0) {
-        at::Tensor PK = pk.select(0, hkv), PV = pv.select(0, hkv);
-        for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
-          const int64_t n = std::min(block_k, d.num_prefix - p0);
-          block(PK.narrow(0, p0, n), PV.narrow(0, p0, n), nullptr, n);
-        }
+      for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
+        const int64_t n = std::min(block_k, d.num_prefix - p0);
+        block(PK.at(0, hkv, p0), PK.st, PV.at(0, hkv, p0), PV.st, n, nullptr, n);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
       const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
-      if (k_begin < k_end) {
-        at::Tensor K = k.select(0, b).select(0, hkv), V = v.select(0, b).select(0, hkv);
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += block_k) {
-          const int64_t n = std::min(block_k, k_end - k0);
-          if (mask.present && mask.block_empty(b, k0, n)) continue;
-          const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
-          block(K.narrow(0, k0, n), V.narrow(0, k0, n), mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0);
-        }
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += block_k) {
+        const int64_t n = std::min(block_k, k_end - k0);
+        if (mask.present && mask.block_empty(b, k0, n)) continue;
+        const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
+        block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, n,
+              mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0);
       }
 
-      const T* a = acc.data_ptr<T>();
       const int64_t row0 = (b * d.heads_q + hq) * d.len_q + q0;
       for (int64_t r = 0; r < bq; ++r) {
         T* o = out_ptr + (row0 + r) * D;
+        const T* a = acc.data() + r * D;
         if (l[r] > T(0)) {
           const T inv = T(1) / l[r];
-          for (int64_t c = 0; c < D; ++c) o[c] = a[r * D + c] * inv;
+          for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv;
           lse_ptr[row0 + r] = m[r] + std::log(l[r]);
         } else {  // sees no key at all: zero output, lse = +inf makes backward's exp(s - lse) vanish
           for (int64_t c = 0; c < D; ++c) o[c] = T(0);
@@ -267,68 +362,58 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
+  const Rows4<T> Q(q), K(k), V(v), PK(pk), PV(pv), dO(dout), O(out);
+  // outputs: contiguous, zero-filled, each element owned by exactly one task
+  T* dq_ptr = need_dq ? dq.data_ptr<T>() : nullptr;                                      // [B, Hq, Tq, D]
+  T* dk_ptr = need_dkv ? dk.data_ptr<T>() : nullptr;                                     // [B, Hkv, Tk, D]
+  T* dv_ptr = need_dkv ? dv.data_ptr<T>() : nullptr;
+  T* dpk_ptr = need_dprefix && d.num_prefix > 0 ? dpk_part.data_ptr<T>() : nullptr;      // [B, Hkv, P, D]
+  T* dpv_ptr = need_dprefix && d.num_prefix > 0 ? dpv_part.data_ptr<T>() : nullptr;
   const T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
   const bool do_prefix = d.num_prefix > 0 && (need_dq || need_dprefix);
   const bool do_text = need_dq || need_dkv;
+  const T sc = static_cast<T>(scale);
 
   at::parallel_for(0, d.batch * d.heads_kv, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
-    auto opts = q.options();
-    at::Tensor s_buf = at::empty({block_q * block_k}, opts);
-    at::Tensor dp_buf = at::empty({block_q * block_k}, opts);
-    std::vector<T> delta(block_q);
+    std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(block_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
-      at::Tensor K = k.select(0, b).select(0, hkv), V = v.select(0, b).select(0, hkv);
-      at::Tensor dK, dV, dPK, dPV;
-      if (need_dkv) {
-        dK = dk.select(0, b).select(0, hkv);
-        dV = dv.select(0, b).select(0, hkv);
-      }
-      at::Tensor PK, PV;
-      if (d.num_prefix > 0) {
-        PK = pk.select(0, hkv);
-        PV = pv.select(0, hkv);
-        if (need_dprefix) {
-          dPK = dpk_part.select(0, b).select(0, hkv);
-          dPV = dpv_part.select(0, b).select(0, hkv);
-        }
-      }
+      T* dk_bh = dk_ptr ? dk_ptr + (b * d.heads_kv + hkv) * d.len_k * D : nullptr;
+      T* dv_bh = dv_ptr ? dv_ptr + (b * d.heads_kv + hkv) * d.len_k * D : nullptr;
+      T* dpk_bh = dpk_ptr ? dpk_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
+      T* dpv_bh = dpv_ptr ? dpv_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t hq = hkv * d.group + g;
-        at::Tensor Qh = q.select(0, b).select(0, hq), dOh = dout.select(0, b).select(0, hq);
-        at::Tensor Oh = out.select(0, b).select(0, hq);
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t q0 = qb * block_q;
           const int64_t bq = std::min(block_q, d.len_q - q0);
-          at::Tensor Q = Qh.narrow(0, q0, bq), dO = dOh.narrow(0, q0, bq), O = Oh.narrow(0, q0, bq);
-          row_dots(dO.data_ptr<T>(), dO.stride(0), O.data_ptr<T>(), O.stride(0), bq, D, delta.data());
+          const T* q_tile = Q.at(b, hq, q0);
+          const T* do_tile = dO.at(b, hq, q0);
+          row_dots(do_tile, dO.st, O.at(b, hq, q0), O.st, bq, D, delta.data());
           const T* lse_rows = lse_ptr + (b * d.heads_q + hq) * d.len_q + q0;
-          at::Tensor dQ;
-          if (need_dq) dQ = dq.select(0, b).select(0, hq).narrow(0, q0, bq);
+          T* dq_tile = dq_ptr ? dq_ptr + ((b * d.heads_q + hq) * d.len_q + q0) * D : nullptr;
 
           // One key block: P and dS from the recomputed scores, then the three gradient products.
-          auto block = [&](const at::Tensor& Kb, const at::Tensor& Vb, at::Tensor dKb, at::Tensor dVb,
-                           const T* col_bias, int64_t lim0) {
-            const int64_t n = Kb.size(0);
-            at::Tensor S = s_buf.narrow(0, 0, bq * n).view({bq, n});
-            at::Tensor dS = dp_buf.narrow(0, 0, bq * n).view({bq, n});
-            at::mm_out(S, Q, Kb.t());
-            at::mm_out(dS, dO, Vb.t());
-            bwd_rows(S.data_ptr<T>(), dS.data_ptr<T>(), bq, n, static_cast<T>(scale), col_bias, lim0, lse_rows,
-                     delta.data());
-            if (dVb.defined()) dVb.addmm_(S.t(), dO);
-            if (dKb.defined()) dKb.addmm_(dS.t(), Q, 1, scale);
-            if (need_dq) dQ.addmm_(dS, Kb, 1, scale);
+          auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
+                           int64_t n, const T* col_bias, int64_t lim0) {
+            T* S = s_buf.data();
+            T* dS = dp_buf.data();
+            gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
+            gemm<T>(false, true, bq, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
+            bwd_rows(S, dS, bq, n, sc, col_bias, lim0, lse_rows, delta.data());
+            if (dv_tile) gemm<T>(true, false, n, D, bq, T(1), S, n, do_tile, dO.st, T(1), dv_tile, D);
+            if (dk_tile) gemm<T>(true, false, n, D, bq, sc, dS, n, q_tile, Q.st, T(1), dk_tile, D);
+            if (dq_tile) gemm<T>(false, false, bq, D, n, sc, dS, n, k_tile, ldk, T(1), dq_tile, D);
           };
 
           if (do_prefix) {
             for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
               const int64_t n = std::min(block_k, d.num_prefix - p0);
-              block(PK.narrow(0, p0, n), PV.narrow(0, p0, n), need_dprefix ? dPK.narrow(0, p0, n) : at::Tensor(),
-                    need_dprefix ? dPV.narrow(0, p0, n) : at::Tensor(), nullptr, n);
+              block(PK.at(0, hkv, p0), PK.st, PV.at(0, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
+                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, n);
             }
           }
           if (do_text) {
@@ -338,9 +423,9 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
               const int64_t n = std::min(block_k, k_end - k0);
               if (mask.present && mask.block_empty(b, k0, n)) continue;
               const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
-              block(K.narrow(0, k0, n), V.narrow(0, k0, n), need_dkv ? dK.narrow(0, k0, n) : at::Tensor(),
-                    need_dkv ? dV.narrow(0, k0, n) : at::Tensor(),
-                    mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0);
+              block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, dk_bh ? dk_bh + k0 * D : nullptr,
+                    dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr,
+                    lim0);
             }
           }
         }
@@ -437,6 +522,18 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
+  m.def(
+      "gemm_backend", []() { return std::string(prefix_attn::blas().use ? "blas" : "aten"); },
+      "where the tile products run: 'blas' (sgemm_/dgemm_ of libtorch_cpu) or 'aten' (at::mm on tile views)");
+  m.def(
+      "set_gemm_backend",
+      [](const std::string& name) {
+        TORCH_CHECK(name == "blas" || name == "aten", "gemm backend must be 'blas' or 'aten', got '", name, "'");
+        auto& b = prefix_attn::blas();
+        TORCH_CHECK(name == "aten" || (b.sgemm && b.dgemm), "no sgemm_/dgemm_ found in libtorch_cpu");
+        b.use = name == "blas";
+      },
+      "choose 'blas' or 'aten' for the tile products (for tests; not thread-safe against running kernels)");
   m.doc() = "prefix_attn native CPU kernels: fused prefix attention forward and backward";
   m.def("fwd", &prefix_attn::fwd,
         "prefix attention forward -> [out, lse]; lse float32 (float64 for float64 inputs), +inf where a query "

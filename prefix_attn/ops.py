@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -142,14 +142,20 @@ _warned_fallback = False
 
 
 def _pick_backend(q: torch.Tensor, backend: Optional[str]) -> str:
+    return _resolve_backend(q.device.type, backend)
+
+
+# Run eagerly, never traced: under torch.compile the choice is made once at trace time and baked in.
+@torch.compiler.assume_constant_result
+def _resolve_backend(device_type: str, backend: Optional[str]) -> str:
     global _warned_fallback
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     if backend is None:
-        if q.is_cuda:
+        if device_type == "cuda":
             return "triton"
-        if q.device.type != "cpu":
-            raise ValueError(f"prefix_attention supports CUDA and CPU tensors, got device {q.device}; "
+        if device_type != "cpu":
+            raise ValueError(f"prefix_attention supports CUDA and CPU tensors, got device {device_type}; "
                              f"pass backend='torch' to run the reference on it")
         mod, reason = _cpu_status()
         if mod is not None:
@@ -163,12 +169,12 @@ def _pick_backend(q: torch.Tensor, backend: Optional[str]) -> str:
         mod, reason = _triton_status()
         if mod is None:
             raise RuntimeError(f"backend='triton' requested but {reason}")
-        if not q.is_cuda and not (q.device.type == "cpu" and _triton_interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); on the CPU set "
+        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device_type}); on the CPU set "
                              f"TRITON_INTERPRET=1 before importing triton to run the kernels interpreted")
     elif backend == "cpu":
-        if q.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
+        if device_type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {device_type}")
         mod, reason = _cpu_status()
         if mod is None:
             raise RuntimeError(f"backend='cpu' requested but the native CPU kernel is unavailable: {reason}")
@@ -179,26 +185,59 @@ def _backend_module(name: str):
     return (_triton_status if name == "triton" else _cpu_status)()[0]
 
 
+# The launchers as torch.library custom ops: opaque to torch.compile (no graph break, shapes from the fake
+# implementations below), and the same code path in eager mode.
+@torch.library.custom_op("prefix_attn::fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+            attention_mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _backend_module(backend).prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal,
+                                                    softmax_scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("prefix_attn::bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+            prefix_v: torch.Tensor, attention_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+            causal: bool, softmax_scale: float, backend: str, need_dq: bool, need_dkv: bool,
+            need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backend_module(backend).prefix_attn_bwd(
+        dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+        need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix)
+    # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, backend, need_dq,
+      need_dkv, need_dprefix):
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
+    return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
+            like(prefix_v, need_dprefix))
+
+
 class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention with a fused backward. Not for direct use: call ``prefix_attention``."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
-        mod = _backend_module(backend)
-        out, lse = mod.prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
-        ctx.attention_mask = attention_mask  # bool, not differentiable
+        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask)
         ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, attention_mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        mod = _backend_module(ctx.backend)
-        dq, dk, dv, dpk, dpv = mod.prefix_attn_bwd(
-            dout, q, k, v, prefix_k, prefix_v, ctx.attention_mask, out, lse, ctx.causal, ctx.softmax_scale,
-            need_dq=needs[0], need_dkv=needs[1] or needs[2], need_dprefix=needs[3] or needs[4],
+        dq, dk, dv, dpk, dpv = _bwd_op(
+            dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, ctx.causal, ctx.softmax_scale,
+            ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
         )
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None)

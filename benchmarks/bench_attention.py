@@ -129,14 +129,15 @@ def additive_prefix_mask(len_q: int, len_k: int, num_prefix: int, dtype, device)
     return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
 
 
-def peft_eager_attention(q, k, v, prefix_k, prefix_v, add_mask, scale):
-    """Baseline 1: what PEFT prefix tuning runs through transformers' eager_attention_forward."""
+def peft_eager_attention(q, k, v, prefix_k, prefix_v, add_mask, scale, softmax_dtype=torch.float32):
+    """Baseline 1: what PEFT prefix tuning runs through transformers' eager_attention_forward
+    (``softmax_dtype`` is float32 there; the tests pass float64 to check the rest of the math exactly)."""
     group = q.shape[1] // k.shape[1]
     key = repeat_kv(expand_concat(prefix_k, k), group)
     value = repeat_kv(expand_concat(prefix_v, v), group)
     weights = torch.matmul(q, key.transpose(2, 3)) * scale
     weights = weights + add_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.softmax(weights, dim=-1, dtype=softmax_dtype).to(q.dtype)
     return torch.matmul(weights, value)  # dropout 0
 
 

@@ -1,0 +1,165 @@
+"""The benchmark suite on the CPU: its baselines compute prefix attention correctly, and it runs end to end.
+
+The baselines are checked in float64 against ``prefix_attention_reference`` (outputs and all five gradients),
+including GQA, P = 0 and len_q < len_k; then the suite runs on a tiny shape and must write valid JSON/CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from prefix_attn.reference import prefix_attention_reference
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+
+
+def _load(name):
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_attention")
+
+# (batch, heads_q, heads_kv, len_q, len_k, P, head_dim)
+CASES = [
+    (2, 4, 4, 17, 17, 5, 16),
+    (2, 4, 2, 17, 17, 3, 16),  # GQA 2
+    (1, 8, 2, 13, 13, 7, 32),  # GQA 4
+    (2, 4, 4, 17, 17, 0, 16),  # no prefix
+    (2, 4, 2, 9, 9, 0, 8),  # no prefix, GQA
+    (2, 4, 2, 5, 17, 6, 16),  # len_q < len_k: bottom-right aligned queries
+]
+IDS = [f"B{b}-Hq{hq}-Hkv{hkv}-Tq{tq}-Tk{tk}-P{p}-D{d}" for b, hq, hkv, tq, tk, p, d in CASES]
+
+
+def _inputs(case, seed=0):
+    b, hq, hkv, tq, tk, p, d = case
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(b, hq, tq, d), (b, hkv, tk, d), (b, hkv, tk, d), (hkv, p, d), (hkv, p, d)]
+    leaves = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
+    dout = torch.randn(b, hq, tq, d, generator=gen, dtype=torch.float64)
+    return leaves, dout
+
+
+def _check_against_reference(fn, case, tol=1e-10):
+    leaves, dout = _inputs(case)
+    scale = case[-1] ** -0.5
+    want = prefix_attention_reference(*leaves, causal=True, softmax_scale=scale)
+    got = fn(*leaves)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    g_want = torch.autograd.grad(want, leaves, dout)
+    g_got = torch.autograd.grad(got, leaves, dout)
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), g_got, g_want):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("softmax_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_peft_eager_baseline_matches_reference(case, softmax_dtype):
+    """Exact with a float64 softmax; within float32 rounding with transformers' float32 softmax."""
+    b, hq, hkv, tq, tk, p, d = case
+    mask = bench.additive_prefix_mask(tq, tk, p, torch.float64, "cpu")
+
+    def peft(q, k, v, pk, pv):
+        return bench.peft_eager_attention(q, k, v, pk, pv, mask, d**-0.5, softmax_dtype=softmax_dtype)
+
+    _check_against_reference(peft, case, tol=1e-10 if softmax_dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sdpa_baseline_matches_reference(case):
+    b, hq, hkv, tq, tk, p, d = case
+    sdpa = bench.make_sdpa("auto", (b, hq, tq, d), tk, p, d**-0.5, hq // hkv)
+    _check_against_reference(sdpa, case)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("packed", [False, True], ids=["expanded", "packed"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=[IDS[1], IDS[3], IDS[5]])
+def test_flex_baselines_forward_match_reference(case, packed):
+    """FlexAttention uncompiled, forward only (it has no CPU backward): the two mask_mods are right."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    b, hq, hkv, tq, tk, p, d = case
+    fn = bench.make_flex(packed, (b, hq, tq, d), b, tk, p, d**-0.5, hq // hkv, "cpu", compiled=False)
+    leaves, _ = _inputs(case)
+    xs = [t.detach() for t in leaves]
+    want = prefix_attention_reference(*xs, causal=True, softmax_scale=d**-0.5)
+    with torch.no_grad():
+        got = fn(*xs)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_flops_convention():
+    fwd, bwd = bench.attention_flops(8, 12, 1024, 1024, 64, 64)
+    assert fwd == 4 * 8 * 12 * 1024 * 64 * (64 + 1024 / 2)
+    assert bwd == 2.5 * fwd
+
+
+def test_suite_runs_on_a_tiny_shape_and_writes_json(tmp_path):
+    results = bench.main(["--shapes", "tiny", "--prefix", "0,5", "--modes", "fwd,bwd,fwdbwd",
+                          "--methods", "prefix_attn,peft_eager,sdpa[auto],flash_attn", "--device", "cpu",
+                          "--cpu-min-run-time", "0.005", "--out", str(tmp_path), "--no-table"])
+    files = sorted(os.listdir(tmp_path))
+    json_files = [f for f in files if f.endswith(".json")]
+    assert len(json_files) == 1 and json_files[0].startswith("attention_"), files
+    with open(tmp_path / json_files[0]) as f:
+        saved = json.load(f)
+    meta = saved["meta"]
+    for key in ("device_name", "torch", "triton", "date", "git_commit", "prefix_attn_backend", "flops"):
+        assert meta.get(key), key
+    rows = saved["rows"]
+    timed = [r for r in rows if r["method"] in ("prefix_attn", "peft_eager", "sdpa[auto]")]
+    assert len(timed) == 3 * 2 * 3  # methods x P x modes
+    for r in timed:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["tflops"] > 0
+        if r["method"] != "prefix_attn":
+            assert r["err_vs_prefix_attn"] is not None and r["err_vs_prefix_attn"] < 1e-3
+    flash = [r for r in rows if r["method"] == "flash_attn"]
+    assert flash and all(r["status"].startswith("unavailable") for r in flash)
+    assert {t["status"] for t in saved["targets"]} <= {"met", "missed", "no data"}
+    assert len(saved["targets"]) == 5
+    assert saved == json.loads(json.dumps(results, default=str))
+    with open(tmp_path / json_files[0].replace(".json", ".csv")) as f:
+        lines = [line for line in f if not line.startswith("#")]
+    assert len(list(csv.DictReader(lines))) == len(rows)
+    assert "== targets" in bench.summary(saved)
+
+    pytest.importorskip("matplotlib")
+    plot = _load("plot")
+    written = plot.main([str(tmp_path / json_files[0])])
+    assert written and all(os.path.getsize(p) > 0 for p in written)
+
+
+def test_train_step_benchmark_runs_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    train = _load("bench_train_step")
+    results = train.main(["--quick", "--device", "cpu", "--steps", "1", "--warmup", "0", "--prefix", "4",
+                          "--models", "llama", "--out", str(tmp_path)])  # the tiny llama has GQA
+    rows = results["rows"]
+    assert {r["path"] for r in rows} == {"peft[eager]", "peft[sdpa]", "prefix_attn"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0
+        if r["path"] != "peft[eager]":
+            assert r["grad_err"] < 1e-4 and r["loss_diff"] < 1e-4  # same prefix, same loss and gradient
+    assert any(f.startswith("train_step_") and f.endswith(".json") for f in os.listdir(tmp_path))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

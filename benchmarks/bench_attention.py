@@ -667,6 +667,8 @@ def summary(results: dict) -> str:
              f"prefix_attn backend: {meta['prefix_attn_backend']}"]
     if meta.get("scaled_down"):
         lines.append("   CPU run: shapes SCALED DOWN (batch and length cut), not the GPU shapes")
+    if meta.get("wall_s") is not None:
+        lines.append(f"   {meta['wall_s']:.0f} s in all, commit {meta['git_commit']}, {meta['date']}")
     for dt, m in results["matmul"].items():
         lines.append(f"   dense {dt} matmul {m['n']}^3: {m['tflops']:.2f} TFLOP/s")
     rows = results["rows"]
@@ -770,7 +772,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="GPU: llama-7b, P=64, bfloat16 only. CPU: two small shapes, P=10/64, flex uncompiled")
+                   help="GPU: llama-7b, P=64, bfloat16 only. CPU: two small shapes, P=64, flex uncompiled")
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all); "
                    + ", ".join(s.name for s in GPU_SHAPES + EXTRA_SHAPES))
     p.add_argument("--prefix", default=None, help="comma list of prefix lengths P (default 64,200,10)")
@@ -814,7 +816,7 @@ def main(argv=None) -> dict:
     if args.prefix:
         prefixes = [int(x) for x in args.prefix.split(",")]
     else:
-        prefixes = ([64, 10] if on_cpu else [64]) if args.quick else list(PREFIX_LENS)
+        prefixes = [64] if args.quick else list(PREFIX_LENS)
     if args.dtypes:
         dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     else:

@@ -2,7 +2,8 @@
 
 The compiled module is found lazily, once, on the first call to ``is_available()`` or a launcher:
 
-1. ``prefix_attn._C``, built by ``pip install --no-build-isolation -e .`` (setup.py);
+1. ``prefix_attn._C``, built by ``pip install --no-build-isolation -e .`` (setup.py), unless a file in
+   ``csrc/`` is newer than it (an edited source checkout: rebuild, or let step 2 compile the edit);
 2. otherwise a JIT build of ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` (ninja), cached in
    torch's extensions directory (``TORCH_EXTENSIONS_DIR``, file-locked by torch, so concurrent first
    imports build it once). Set ``PREFIX_ATTN_NO_JIT=1`` to skip this step.
@@ -40,15 +41,31 @@ def _compile_flags() -> Tuple[list, list]:
     return cflags, ldflags
 
 
+def _prebuilt_is_stale() -> str:
+    """In a source checkout, the csrc/ file edited after prefix_attn._C was built ("" if none)."""
+    built = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.*"))
+    if not built:
+        return ""
+    built_at = min(os.path.getmtime(p) for p in built)
+    for src in glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.h")):
+        if os.path.getmtime(src) > built_at:
+            return os.path.relpath(src, os.path.dirname(_CSRC))
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     """(module or None, reason, source)."""
-    try:
-        from . import _C  # noqa: PLC0415 - built by setup.py
+    stale = _prebuilt_is_stale()
+    if stale:
+        prebuilt = f"prefix_attn._C is older than {stale}, not used"
+    else:
+        try:
+            from . import _C  # noqa: PLC0415 - built by setup.py
 
-        return _C, "ok", "prebuilt prefix_attn._C"
-    except ImportError as exc:
-        prebuilt = f"no prebuilt prefix_attn._C ({exc})"
+            return _C, "ok", "prebuilt prefix_attn._C"
+        except ImportError as exc:
+            prebuilt = f"no prebuilt prefix_attn._C ({exc})"
     if os.environ.get("PREFIX_ATTN_NO_JIT", "0") == "1":
         return None, f"{prebuilt}; JIT build disabled by PREFIX_ATTN_NO_JIT=1", ""
     sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))

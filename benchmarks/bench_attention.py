@@ -62,8 +62,17 @@ except ImportError:  # running from a checkout without installing
 MODES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Baseline groups, as numbered in benchmarks/README.md.
-GROUP = {"prefix_attn": "ours", "peft_eager": "1", "sdpa[auto]": "2", "sdpa[flash]": "2",
-         "sdpa[efficient]": "2", "sdpa[cudnn]": "2", "flex": "3", "flex_packed": "3", "flash_attn": "4"}
+GROUP = {
+    "prefix_attn": "ours",
+    "peft_eager": "1",
+    "sdpa[auto]": "2",
+    "sdpa[flash]": "2",
+    "sdpa[efficient]": "2",
+    "sdpa[cudnn]": "2",
+    "flex": "3",
+    "flex_packed": "3",
+    "flash_attn": "4",
+}
 # Correctness: max |method - expected| <= TOL * max(1, max |expected|), for the output and every gradient.
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float64: 1e-8}
 CHECK_SEQ = 96  # sequence length of the small correctness check against the float32 reference
@@ -144,8 +153,11 @@ def peft_eager_attention(q, k, v, prefix_k, prefix_v, add_mask, scale, softmax_d
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
 
-    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[name]
 
 
 def make_sdpa(which: str, shape_q, len_k: int, num_prefix: int, scale: float, group: int):
@@ -179,8 +191,12 @@ def _dynamo_allow_many_shapes() -> None:
     silently send the later ones to the slow eager path."""
     import torch._dynamo
 
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
+    for name in (
+        "recompile_limit",
+        "cache_size_limit",
+        "accumulated_recompile_limit",
+        "accumulated_cache_size_limit",
+    ):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
 
@@ -199,8 +215,17 @@ def _flex_fn(compiled: bool):
     return _FLEX["compiled"]
 
 
-def make_flex(packed: bool, shape_q, batch: int, len_k: int, num_prefix: int, scale: float, group: int,
-              device, compiled: bool):
+def make_flex(
+    packed: bool,
+    shape_q,
+    batch: int,
+    len_k: int,
+    num_prefix: int,
+    scale: float,
+    group: int,
+    device,
+    compiled: bool,
+):
     """Baseline 3. Expanded: expand + concat, mask_mod ``kv < P or kv - P <= q + (Tk - Tq)``. Packed
     (expansion-free): queries of all batch rows in one sequence of length B*Tq, keys ``[prefix | text of
     row 0 | text of row 1 | ...]``, and a mask_mod that keeps each row to the prefix and its own text."""
@@ -211,14 +236,21 @@ def make_flex(packed: bool, shape_q, batch: int, len_k: int, num_prefix: int, sc
     P, Tq, Tk, off = num_prefix, len_q, len_k, len_k - len_q
     gqa = group > 1
     if not packed:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx < P) | (kv_idx - P <= q_idx + off)
 
         block_mask = create_block_mask(mask_mod, None, None, Tq, P + Tk, device=device)
 
         def run(q, k, v, prefix_k, prefix_v):
-            return flex(q, expand_concat(prefix_k, k), expand_concat(prefix_v, v), block_mask=block_mask,
-                        scale=scale, enable_gqa=gqa)
+            return flex(
+                q,
+                expand_concat(prefix_k, k),
+                expand_concat(prefix_v, v),
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=gqa,
+            )
 
         return run
 
@@ -249,8 +281,13 @@ def make_flash_attn(scale: float):
         raise Unavailable(f"flash-attn not importable: {type(exc).__name__}: {exc}") from None
 
     def run(q, k, v, prefix_k, prefix_v):
-        out = flash_attn_func(q.transpose(1, 2), expand_concat(prefix_k, k).transpose(1, 2),
-                              expand_concat(prefix_v, v).transpose(1, 2), causal=True, softmax_scale=scale)
+        out = flash_attn_func(
+            q.transpose(1, 2),
+            expand_concat(prefix_k, k).transpose(1, 2),
+            expand_concat(prefix_v, v).transpose(1, 2),
+            causal=True,
+            softmax_scale=scale,
+        )
         return out.transpose(1, 2)
 
     return run
@@ -266,22 +303,38 @@ def prefix_attn_backend(device: torch.device) -> tuple:
     return "torch", f"native CPU kernel unavailable ({reason}); timing the PyTorch reference instead"
 
 
-def build_methods(args, shape_q, batch, len_k, num_prefix, dtype, device, scale, group, backend,
-                  names: List[str], compile_flex: bool = True) -> Dict[str, object]:
+def build_methods(
+    args,
+    shape_q,
+    batch,
+    len_k,
+    num_prefix,
+    dtype,
+    device,
+    scale,
+    group,
+    backend,
+    names: List[str],
+    compile_flex: bool = True,
+) -> Dict[str, object]:
     """{name: callable(q, k, v, prefix_k, prefix_v) -> out, or the reason it is unavailable (str)}."""
     methods: Dict[str, object] = {}
     for name in names:
         try:
             if name == "prefix_attn":
+
                 def ours(q, k, v, pk, pv, _b=backend):
-                    return prefix_attn.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale,
-                                                        backend=_b)
+                    return prefix_attn.prefix_attention(
+                        q, k, v, pk, pv, causal=True, softmax_scale=scale, backend=_b
+                    )
+
                 methods[name] = ours
             elif name == "peft_eager":
                 mask = additive_prefix_mask(shape_q[2], len_k, num_prefix, dtype, device)
 
                 def peft(q, k, v, pk, pv, _m=mask):
                     return peft_eager_attention(q, k, v, pk, pv, _m, scale)
+
                 methods[name] = peft
             elif name.startswith("sdpa["):
                 which = name[5:-1]
@@ -290,8 +343,9 @@ def build_methods(args, shape_q, batch, len_k, num_prefix, dtype, device, scale,
                 methods[name] = make_sdpa(which, shape_q, len_k, num_prefix, scale, group)
             elif name in ("flex", "flex_packed"):
                 compiled = compile_flex and not (device.type == "cpu" and args.quick)
-                methods[name] = make_flex(name == "flex_packed", shape_q, batch, len_k, num_prefix, scale,
-                                          group, device, compiled)
+                methods[name] = make_flex(
+                    name == "flex_packed", shape_q, batch, len_k, num_prefix, scale, group, device, compiled
+                )
             elif name == "flash_attn":
                 if device.type != "cuda":
                     raise Unavailable("flash-attn is CUDA-only")
@@ -357,11 +411,21 @@ def timer(fn: Callable[[], object], device: torch.device, grad_to_none, args) ->
         from triton.testing import do_bench
 
         try:
-            return float(do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grad_to_none,
-                                  return_mode="median"))
+            return float(
+                do_bench(
+                    fn,
+                    warmup=args.warmup_ms,
+                    rep=args.rep_ms,
+                    grad_to_none=grad_to_none,
+                    return_mode="median",
+                )
+            )
         except TypeError:  # older Triton: no return_mode
-            return float(do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grad_to_none,
-                                  quantiles=[0.5])[0])
+            return float(
+                do_bench(
+                    fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grad_to_none, quantiles=[0.5]
+                )[0]
+            )
     import torch.utils.benchmark as tbench
 
     def run():
@@ -414,16 +478,36 @@ def run_config(args, shape: Shape, num_prefix: int, dtype, device, method_names,
     scale = D**-0.5
     fwd_flops, bwd_flops = attention_flops(B, Hq, T, T, num_prefix, D, causal=True)
     flops = {"fwd": fwd_flops, "bwd": bwd_flops, "fwdbwd": fwd_flops + bwd_flops}
-    base = {"shape": shape.name, "batch": B, "heads_q": Hq, "heads_kv": Hkv, "seq": T, "head_dim": D,
-            "prefix": num_prefix, "dtype": str(dtype).replace("torch.", "")}
+    base = {
+        "shape": shape.name,
+        "batch": B,
+        "heads_q": Hq,
+        "heads_kv": Hkv,
+        "seq": T,
+        "head_dim": D,
+        "prefix": num_prefix,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
     # 1. small size: every method against the float32 reference on the same low-precision inputs.
     ts = min(T, CHECK_SEQ)
     small_leaves, small_dout = make_inputs(min(B, 2), Hq, Hkv, ts, ts, num_prefix, D, dtype, device, seed=1)
     # FlexAttention uncompiled here: this checks its mask_mod; the compiled kernel is checked at full size
     # against prefix_attn (and one compilation per config is enough).
-    small_methods = build_methods(args, (min(B, 2), Hq, ts, D), min(B, 2), ts, num_prefix, dtype, device,
-                                  scale, group, backend, method_names, compile_flex=False)
+    small_methods = build_methods(
+        args,
+        (min(B, 2), Hq, ts, D),
+        min(B, 2),
+        ts,
+        num_prefix,
+        dtype,
+        device,
+        scale,
+        group,
+        backend,
+        method_names,
+        compile_flex=False,
+    )
 
     def reference(q, k, v, pk, pv):
         return prefix_attention_reference(q, k, v, pk, pv, causal=True, softmax_scale=scale)
@@ -451,8 +535,9 @@ def run_config(args, shape: Shape, num_prefix: int, dtype, device, method_names,
 
     # 2. full size: every baseline against prefix_attn, then time.
     leaves, dout = make_inputs(B, Hq, Hkv, T, T, num_prefix, D, dtype, device)
-    methods = build_methods(args, (B, Hq, T, D), B, T, num_prefix, dtype, device, scale, group, backend,
-                            method_names)
+    methods = build_methods(
+        args, (B, Hq, T, D), B, T, num_prefix, dtype, device, scale, group, backend, method_names
+    )
     tol = TOL[dtype]
     ours_full = None
     ours_ok = isinstance(small_err.get("prefix_attn"), float) and small_err["prefix_attn"] <= tol
@@ -482,14 +567,23 @@ def run_config(args, shape: Shape, num_prefix: int, dtype, device, method_names,
                     expected_note = " (not compared at full size: prefix_attn failed)"
                 del got
             except Exception as exc:  # noqa: BLE001
-                status = ("OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {_short(exc)}")
+                status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {_short(exc)}"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         for mode in args.modes:
-            row = dict(base, mode=mode, method=name, baseline=GROUP.get(name, "?"), status=status + expected_note,
-                       ms=None, tflops=None, peak_mib=None, flops=flops[mode],
-                       err_vs_reference_small=serr if isinstance(serr, float) else None,
-                       err_vs_prefix_attn=err_full)
+            row = dict(
+                base,
+                mode=mode,
+                method=name,
+                baseline=GROUP.get(name, "?"),
+                status=status + expected_note,
+                ms=None,
+                tflops=None,
+                peak_mib=None,
+                flops=flops[mode],
+                err_vs_reference_small=serr if isinstance(serr, float) else None,
+                err_vs_prefix_attn=err_full,
+            )
             if status == "ok" and name in fwd_only and mode != "fwd":
                 row["status"] = f"unavailable: {fwd_only[name]}"
             elif status == "ok":
@@ -562,11 +656,15 @@ def evaluate_targets(results: dict) -> List[dict]:
     rows = [r for r in rows if r["dtype"] == dtype]
 
     def ms(shape, p, mode, pred):
-        return {r["method"]: r["ms"] for r in rows
-                if r["shape"] == shape and r["prefix"] == p and r["mode"] == mode and pred(r)}
+        return {
+            r["method"]: r["ms"]
+            for r in rows
+            if r["shape"] == shape and r["prefix"] == p and r["mode"] == mode and pred(r)
+        }
 
-    configs = sorted({(r["shape"], r["prefix"]) for r in rows if r["method"] == "prefix_attn"
-                      and r["mode"] == "fwdbwd"})
+    configs = sorted(
+        {(r["shape"], r["prefix"]) for r in rows if r["method"] == "prefix_attn" and r["mode"] == "fwdbwd"}
+    )
     targets = []
 
     def speedup_target(name, wanted, group_pred, label):
@@ -585,34 +683,72 @@ def evaluate_targets(results: dict) -> List[dict]:
         n_met = sum(x["speedup"] >= wanted for x in per)
         geo = math.exp(sum(math.log(x["speedup"]) for x in per) / len(per))
         status = "met" if n_met == len(per) else "missed"
-        return {"target": name, "status": status, "wanted": wanted, "worst": worst, "geomean": geo,
-                "detail": f"{n_met}/{len(per)} configs >= {wanted}x; worst {worst:.2f}x, geomean {geo:.2f}x",
-                "per_config": per}
+        return {
+            "target": name,
+            "status": status,
+            "wanted": wanted,
+            "worst": worst,
+            "geomean": geo,
+            "detail": f"{n_met}/{len(per)} configs >= {wanted}x; worst {worst:.2f}x, geomean {geo:.2f}x",
+            "per_config": per,
+        }
 
-    targets.append(speedup_target("fwd+bwd >= 1.3x faster than the best of baselines 2-4", 1.3,
-                                  lambda r: r["baseline"] in ("2", "3", "4"), "baselines 2-4"))
-    targets.append(speedup_target("fwd+bwd >= 3x faster than baseline 1 (PEFT eager)", 3.0,
-                                  lambda r: r["baseline"] == "1", "baseline 1"))
+    targets.append(
+        speedup_target(
+            "fwd+bwd >= 1.3x faster than the best of baselines 2-4",
+            1.3,
+            lambda r: r["baseline"] in ("2", "3", "4"),
+            "baselines 2-4",
+        )
+    )
+    targets.append(
+        speedup_target(
+            "fwd+bwd >= 3x faster than baseline 1 (PEFT eager)",
+            3.0,
+            lambda r: r["baseline"] == "1",
+            "baseline 1",
+        )
+    )
 
     mm = results["matmul"].get(dtype)
     for mode, wanted in (("fwd", 0.45), ("bwd", 0.30)):
         name = f"{mode} >= {wanted:.0%} of the dense {dtype} matmul rate ({TARGET_SHAPE}, P={TARGET_P})"
-        r = [x for x in rows if x["shape"] == TARGET_SHAPE and x["prefix"] == TARGET_P and x["mode"] == mode
-             and x["method"] == "prefix_attn"]
+        r = [
+            x
+            for x in rows
+            if x["shape"] == TARGET_SHAPE
+            and x["prefix"] == TARGET_P
+            and x["mode"] == mode
+            and x["method"] == "prefix_attn"
+        ]
         if not r or not mm:
             targets.append({"target": name, "status": "no data", "detail": "shape/P/mode not in this run"})
             continue
         frac = r[0]["tflops"] / mm["tflops"]
-        targets.append({"target": name, "status": "met" if frac >= wanted else "missed", "wanted": wanted,
-                        "value": frac, "detail": f"{r[0]['tflops']:.1f} / {mm['tflops']:.1f} TFLOP/s = {frac:.1%}"})
+        targets.append(
+            {
+                "target": name,
+                "status": "met" if frac >= wanted else "missed",
+                "wanted": wanted,
+                "value": frac,
+                "detail": f"{r[0]['tflops']:.1f} / {mm['tflops']:.1f} TFLOP/s = {frac:.1%}",
+            }
+        )
 
     name = "peak memory at P=200 <= peak at P=0 + prefix + log-sum-exp (fwd+bwd)"
     per = []
     for p0 in results.get("memory_p0", []):
         if p0["dtype"] != dtype or p0.get("fwdbwd_peak_mib") is None:
             continue
-        r = [x for x in rows if x["shape"] == p0["shape"] and x["prefix"] == 200 and x["method"] == "prefix_attn"
-             and x["mode"] == "fwdbwd" and x["peak_mib"] is not None]
+        r = [
+            x
+            for x in rows
+            if x["shape"] == p0["shape"]
+            and x["prefix"] == 200
+            and x["method"] == "prefix_attn"
+            and x["mode"] == "fwdbwd"
+            and x["peak_mib"] is not None
+        ]
         if not r:
             continue
         r = r[0]
@@ -620,17 +756,37 @@ def evaluate_targets(results: dict) -> List[dict]:
         prefix_mib = 2 * r["heads_kv"] * 200 * r["head_dim"] * elem / 2**20
         lse_mib = r["batch"] * r["heads_q"] * r["seq"] * 4 / 2**20
         allowed = p0["fwdbwd_peak_mib"] + prefix_mib + lse_mib
-        per.append({"shape": p0["shape"], "p200_mib": r["peak_mib"], "p0_mib": p0["fwdbwd_peak_mib"],
-                    "allowed_mib": allowed, "met": r["peak_mib"] <= allowed})
+        per.append(
+            {
+                "shape": p0["shape"],
+                "p200_mib": r["peak_mib"],
+                "p0_mib": p0["fwdbwd_peak_mib"],
+                "allowed_mib": allowed,
+                "met": r["peak_mib"] <= allowed,
+            }
+        )
     if not per:
-        targets.append({"target": name, "status": "no data",
-                        "detail": "needs CUDA peak memory, P=200 and the P=0 measurement"})
+        targets.append(
+            {
+                "target": name,
+                "status": "no data",
+                "detail": "needs CUDA peak memory, P=200 and the P=0 measurement",
+            }
+        )
     else:
         n_met = sum(x["met"] for x in per)
-        detail = "; ".join(f"{x['shape']}: {x['p200_mib']:.0f} vs <= {x['allowed_mib']:.0f} MiB "
-                           f"(P=0 {x['p0_mib']:.0f})" for x in per)
-        targets.append({"target": name, "status": "met" if n_met == len(per) else "missed",
-                        "detail": f"{n_met}/{len(per)} shapes: {detail}", "per_config": per})
+        detail = "; ".join(
+            f"{x['shape']}: {x['p200_mib']:.0f} vs <= {x['allowed_mib']:.0f} MiB (P=0 {x['p0_mib']:.0f})"
+            for x in per
+        )
+        targets.append(
+            {
+                "target": name,
+                "status": "met" if n_met == len(per) else "missed",
+                "detail": f"{n_met}/{len(per)} shapes: {detail}",
+                "per_config": per,
+            }
+        )
     for t in targets:
         t["note"] = note
     return targets
@@ -644,27 +800,36 @@ def fmt(x, spec):
 def table(results: dict) -> str:
     """Every row: ms, TFLOP/s, how many times faster prefix_attn is, peak MiB, status."""
     rows = results["rows"]
-    ours = {(r["shape"], r["dtype"], r["prefix"], r["mode"]): r["ms"] for r in rows
-            if r["method"] == "prefix_attn" and r["ms"] is not None}
-    head = f"{'shape':14s} {'dtype':8s} {'P':>4s} {'mode':6s} {'method':16s} {'ms':>9s} {'TFLOP/s':>8s} " \
-           f"{'ours x':>7s} {'peak MiB':>9s}  status"
+    ours = {
+        (r["shape"], r["dtype"], r["prefix"], r["mode"]): r["ms"]
+        for r in rows
+        if r["method"] == "prefix_attn" and r["ms"] is not None
+    }
+    head = (
+        f"{'shape':14s} {'dtype':8s} {'P':>4s} {'mode':6s} {'method':16s} {'ms':>9s} {'TFLOP/s':>8s} "
+        f"{'ours x':>7s} {'peak MiB':>9s}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"].startswith("unavailable"):
             continue  # listed once under the summary
         o = ours.get((r["shape"], r["dtype"], r["prefix"], r["mode"]))
         ratio = r["ms"] / o if (o and r["ms"]) else None
-        lines.append(f"{r['shape']:14s} {r['dtype']:8s} {r['prefix']:4d} {r['mode']:6s} {r['method']:16s} "
-                     f"{fmt(r['ms'], '9.3f')} {fmt(r['tflops'], '8.2f')} {fmt(ratio, '7.2f')} "
-                     f"{fmt(r['peak_mib'], '9.0f')}  {r['status']}{'; ' + r['note'] if r.get('note') else ''}")
+        lines.append(
+            f"{r['shape']:14s} {r['dtype']:8s} {r['prefix']:4d} {r['mode']:6s} {r['method']:16s} "
+            f"{fmt(r['ms'], '9.3f')} {fmt(r['tflops'], '8.2f')} {fmt(ratio, '7.2f')} "
+            f"{fmt(r['peak_mib'], '9.0f')}  {r['status']}{'; ' + r['note'] if r.get('note') else ''}"
+        )
     return "\n".join(lines)
 
 
 def summary(results: dict) -> str:
     """Compact fwd+bwd view, one line per (shape, dtype, P), then the targets: printed last."""
     meta = results["meta"]
-    lines = [f"== prefix attention, {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
-             f"prefix_attn backend: {meta['prefix_attn_backend']}"]
+    lines = [
+        f"== prefix attention, {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
+        f"prefix_attn backend: {meta['prefix_attn_backend']}"
+    ]
     if meta.get("scaled_down"):
         lines.append("   CPU run: shapes SCALED DOWN (batch and length cut), not the GPU shapes")
     if meta.get("wall_s") is not None:
@@ -679,14 +844,21 @@ def summary(results: dict) -> str:
             keys.append(k)
     mode = "fwdbwd" if "fwdbwd" in meta["modes"] else meta["modes"][0]
     lines.append(f"   {mode}: ms of prefix_attn; 'x' = how many times faster prefix_attn is")
-    lines.append(f"   {'shape':14s} {'dtype':8s} {'P':>4s} {'ours ms':>9s} {'TFLOP/s':>8s} "
-                 f"{'best of 2-4':>24s} {'x':>6s} {'peft x':>7s} {'MiB ours/peft':>15s}")
+    lines.append(
+        f"   {'shape':14s} {'dtype':8s} {'P':>4s} {'ours ms':>9s} {'TFLOP/s':>8s} "
+        f"{'best of 2-4':>24s} {'x':>6s} {'peft x':>7s} {'MiB ours/peft':>15s}"
+    )
     for shape, dtype, p in keys:
-        sel = {r["method"]: r for r in rows if (r["shape"], r["dtype"], r["prefix"]) == (shape, dtype, p)
-               and r["mode"] == mode}
+        sel = {
+            r["method"]: r
+            for r in rows
+            if (r["shape"], r["dtype"], r["prefix"]) == (shape, dtype, p) and r["mode"] == mode
+        }
         ours = sel.get("prefix_attn")
         if not ours or ours["ms"] is None:
-            lines.append(f"   {shape:14s} {dtype:8s} {p:4d}  prefix_attn: {ours['status'] if ours else 'absent'}")
+            lines.append(
+                f"   {shape:14s} {dtype:8s} {p:4d}  prefix_attn: {ours['status'] if ours else 'absent'}"
+            )
             continue
         others = {n: r for n, r in sel.items() if r["baseline"] in ("2", "3", "4") and r["ms"] is not None}
         best = min(others, key=lambda n: others[n]["ms"]) if others else None
@@ -696,7 +868,8 @@ def summary(results: dict) -> str:
             f"   {shape:14s} {dtype:8s} {p:4d} {ours['ms']:9.3f} {fmt(ours['tflops'], '8.2f')} "
             f"{(best or '-'):>16s} {fmt(others[best]['ms'] if best else None, '7.3f')} "
             f"{fmt(others[best]['ms'] / ours['ms'] if best else None, '6.2f')} "
-            f"{fmt(peft['ms'] / ours['ms'] if peft and peft['ms'] else None, '7.2f')} {mem:>15s}")
+            f"{fmt(peft['ms'] / ours['ms'] if peft and peft['ms'] else None, '7.2f')} {mem:>15s}"
+        )
     unavailable = {}
     for r in rows:
         if r["status"] != "ok":
@@ -719,13 +892,33 @@ def write(results: dict, json_path: str, csv_path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=str)
     os.replace(tmp, json_path)
-    fields = ["shape", "batch", "heads_q", "heads_kv", "seq", "head_dim", "prefix", "dtype", "mode", "method",
-              "baseline", "ms", "tflops", "peak_mib", "flops", "err_vs_reference_small", "err_vs_prefix_attn",
-              "status", "note"]
+    fields = [
+        "shape",
+        "batch",
+        "heads_q",
+        "heads_kv",
+        "seq",
+        "head_dim",
+        "prefix",
+        "dtype",
+        "mode",
+        "method",
+        "baseline",
+        "ms",
+        "tflops",
+        "peak_mib",
+        "flops",
+        "err_vs_reference_small",
+        "err_vs_prefix_attn",
+        "status",
+        "note",
+    ]
     meta = results["meta"]
     with open(csv_path, "w", newline="") as f:
-        f.write(f"# device={meta['device_name']}; torch={meta['torch']}; triton={meta['triton']}; "
-                f"date={meta['date']}; commit={meta['git_commit']}; scaled_down={meta['scaled_down']}\n")
+        f.write(
+            f"# device={meta['device_name']}; torch={meta['torch']}; triton={meta['triton']}; "
+            f"date={meta['date']}; commit={meta['git_commit']}; scaled_down={meta['scaled_down']}\n"
+        )
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(results["rows"])
@@ -734,11 +927,21 @@ def write(results: dict, json_path: str, csv_path: str) -> None:
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return (
+            out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            if out.returncode == 0
+            else "unknown"
+        )
     except Exception:  # noqa: BLE001
         return "unknown"
 
@@ -754,37 +957,62 @@ def metadata(args, device, backend, backend_note) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return {"device": device.type, "device_name": name, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version(),
-            "prefix_attn": prefix_attn.__version__, "prefix_attn_backend": f"{backend} ({backend_note})",
-            "backends": prefix_attn.available_backends(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "argv": sys.argv[1:], "modes": list(args.modes),
-            "scaled_down": device.type == "cpu" and not args.full_shapes_on_cpu,
-            "flops": "fwd = 4*B*Hq*T*D*(P + T/2), bwd = 2.5*fwd, fwdbwd = 3.5*fwd (flash-attention convention)",
-            "peak_memory": "peak allocated above the inputs during one call (fwd: forward; bwd, fwdbwd: "
-                           "forward + backward)",
-            "timing": "triton.testing.do_bench median" if device.type == "cuda"
-            else "torch.utils.benchmark blocked_autorange median"}
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "prefix_attn": prefix_attn.__version__,
+        "prefix_attn_backend": f"{backend} ({backend_note})",
+        "backends": prefix_attn.available_backends(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "argv": sys.argv[1:],
+        "modes": list(args.modes),
+        "scaled_down": device.type == "cpu" and not args.full_shapes_on_cpu,
+        "flops": "fwd = 4*B*Hq*T*D*(P + T/2), bwd = 2.5*fwd, fwdbwd = 3.5*fwd (flash-attention convention)",
+        "peak_memory": "peak allocated above the inputs during one call (fwd: forward; bwd, fwdbwd: "
+        "forward + backward)",
+        "timing": "triton.testing.do_bench median"
+        if device.type == "cuda"
+        else "torch.utils.benchmark blocked_autorange median",
+    }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="GPU: llama-7b, P=64, bfloat16 only. CPU: two small shapes, P=64, flex uncompiled")
-    p.add_argument("--shapes", default=None, help="comma list of shape names (default: all); "
-                   + ", ".join(s.name for s in GPU_SHAPES + EXTRA_SHAPES))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="GPU: llama-7b, P=64, bfloat16 only. CPU: two small shapes, P=64, flex uncompiled",
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of shape names (default: all); "
+        + ", ".join(s.name for s in GPU_SHAPES + EXTRA_SHAPES),
+    )
     p.add_argument("--prefix", default=None, help="comma list of prefix lengths P (default 64,200,10)")
-    p.add_argument("--dtypes", default=None, help="comma list: bfloat16,float16,float32 "
-                   "(default: bfloat16,float16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list: bfloat16,float16,float32 (default: bfloat16,float16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma list of fwd,bwd,fwdbwd")
     p.add_argument("--methods", default=None, help="comma list (default: all): " + ", ".join(GROUP))
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--full-shapes-on-cpu", action="store_true", help="use the GPU shapes on the CPU too")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; configs not started by then are skipped (and listed)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; configs not started by then are skipped (and listed)",
+    )
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--cpu-min-run-time", type=float, default=None, help="seconds per CPU measurement")
@@ -820,34 +1048,57 @@ def main(argv=None) -> dict:
     if args.dtypes:
         dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     else:
-        dtypes = [torch.float32] if on_cpu else ([torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16])
+        dtypes = (
+            [torch.float32]
+            if on_cpu
+            else ([torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16])
+        )
     names = args.methods.split(",") if args.methods else list(GROUP)
 
     backend, backend_note = prefix_attn_backend(device)
     print(f"prefix_attn: backend {backend!r}: {backend_note}")
     if on_cpu:
-        print(f"no CUDA: CPU run, {'SCALED-DOWN shapes' if not args.full_shapes_on_cpu else 'GPU shapes'}, "
-              f"{torch.get_num_threads()} threads; peak memory is not measured on the CPU")
+        print(
+            f"no CUDA: CPU run, {'SCALED-DOWN shapes' if not args.full_shapes_on_cpu else 'GPU shapes'}, "
+            f"{torch.get_num_threads()} threads; peak memory is not measured on the CPU"
+        )
         if args.quick and any(n.startswith("flex") for n in names):
-            print("flex: --quick on the CPU runs FlexAttention uncompiled (compiling takes ~20 s per shape here)")
+            print(
+                "flex: --quick on the CPU runs FlexAttention uncompiled (compiling takes ~20 s a shape here)"
+            )
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", metadata(args, device, backend, backend_note)["device_name"]).strip("-")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", metadata(args, device, backend, backend_note)["device_name"]).strip(
+        "-"
+    )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = os.path.join(args.out, f"attention_{slug[:40]}_{stamp}.json")
     csv_path = json_path[:-5] + ".csv"
-    results = {"meta": metadata(args, device, backend, backend_note), "matmul": {}, "rows": [],
-               "memory_p0": [], "skipped": [], "targets": []}
-    results["meta"].update(shapes=[dataclasses.asdict(s) for s in shapes], prefixes=prefixes,
-                           dtypes=[str(d).replace("torch.", "") for d in dtypes], methods=names)
+    results = {
+        "meta": metadata(args, device, backend, backend_note),
+        "matmul": {},
+        "rows": [],
+        "memory_p0": [],
+        "skipped": [],
+        "targets": [],
+    }
+    results["meta"].update(
+        shapes=[dataclasses.asdict(s) for s in shapes],
+        prefixes=prefixes,
+        dtypes=[str(d).replace("torch.", "") for d in dtypes],
+        methods=names,
+    )
 
     for dt in dtypes:
         results["matmul"][str(dt).replace("torch.", "")] = matmul_rate(dt, device, args)
 
     def record(row):
         results["rows"].append(row)
-        print(f"  {row['shape']} {row['dtype']} P={row['prefix']} {row['mode']:6s} {row['method']:16s} "
-              f"{fmt(row['ms'], '.3f')} ms  {row['status'][:100]}", flush=True)
+        print(
+            f"  {row['shape']} {row['dtype']} P={row['prefix']} {row['mode']:6s} {row['method']:16s} "
+            f"{fmt(row['ms'], '.3f')} ms  {row['status'][:100]}",
+            flush=True,
+        )
 
     # Priority order, so that a time budget cuts the least important configs: dtype, then shape, then P.
     for dt in dtypes:
@@ -860,13 +1111,27 @@ def main(argv=None) -> dict:
                     run_config(args, shape, p, dt, device, names, backend, record)
                 except Exception as exc:  # noqa: BLE001 - keep the rest of the run
                     traceback.print_exc()
-                    results["rows"].append({
-                        "shape": shape.name, "dtype": str(dt)[6:], "prefix": p, "mode": "-", "method": "-",
-                        "baseline": "-", "ms": None, "tflops": None, "peak_mib": None,
-                        "status": f"config failed: {type(exc).__name__}: {_short(exc)}"})
+                    results["rows"].append(
+                        {
+                            "shape": shape.name,
+                            "dtype": str(dt)[6:],
+                            "prefix": p,
+                            "mode": "-",
+                            "method": "-",
+                            "baseline": "-",
+                            "ms": None,
+                            "tflops": None,
+                            "peak_mib": None,
+                            "status": f"config failed: {type(exc).__name__}: {_short(exc)}",
+                        }
+                    )
                 write(results, json_path, csv_path)
-            if 200 in prefixes and not on_cpu and "prefix_attn" in names and \
-                    not (args.time_budget is not None and time.time() - t_start > args.time_budget):
+            if (
+                200 in prefixes
+                and not on_cpu
+                and "prefix_attn" in names
+                and not (args.time_budget is not None and time.time() - t_start > args.time_budget)
+            ):
                 results["memory_p0"].append(memory_at_p0(args, shape, dt, device, backend))
     results["targets"] = evaluate_targets(results)
     results["meta"]["wall_s"] = round(time.time() - t_start, 1)

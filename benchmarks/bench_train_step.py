@@ -1,17 +1,18 @@
 """Full prefix-tuning training step: PEFT's path against ``prefix_attn``'s, on stock transformers models.
 
-    python benchmarks/bench_train_step.py            # GPT-2-small-sized and Llama-shaped models (GPU sizes)
-    python benchmarks/bench_train_step.py --quick    # tiny configs, a few steps (what a CPU can do quickly)
+    python benchmarks/bench_train_step.py          # GPT-2-small-sized and Llama-shaped models (GPU sizes)
+    python benchmarks/bench_train_step.py --quick  # tiny configs, a few steps (what a CPU can do quickly)
 
-Models are built from configs with random weights (nothing is downloaded), all dropouts 0, the model frozen and
-only the prefix trained with AdamW. Paths, each on a fresh copy of the same model:
+Models are built from configs with random weights (nothing is downloaded), all dropouts 0, the model frozen
+and only the prefix trained with AdamW. Paths, each on a fresh copy of the same model:
 
-    peft[eager]   get_peft_model(model, PrefixTuningConfig(...)) with attn_implementation="eager"  (baseline 1)
+    peft[eager]   get_peft_model(model, PrefixTuningConfig(...)), attn_implementation="eager" (baseline 1)
     peft[sdpa]    the same with attn_implementation="sdpa" (transformers' default)
-    prefix_attn   prefix = PrefixTuning.from_peft(peft_model) (the same prefix values); prefix_attn.enable(model, prefix)
+    prefix_attn   a PrefixTuning with the same prefix values as the PEFT model; prefix_attn.enable(model, ...)
 
-Before timing, every path's loss and prefix gradient on the same batch are compared with peft[eager]'s.
-"grad err" is max |prefix grad - peft[eager]'s| / max |peft[eager]'s|. Reported: median step time, tokens/s (batch * seq / step), peak memory of the step (CUDA). The "llama" model
+Before timing, every path's loss and prefix gradient on the same batch are compared with peft[eager]'s
+("grad err": max |prefix grad - peft[eager]'s| / max |peft[eager]'s|). Reported: median step time,
+tokens/s (batch * seq / step), peak memory of the step (CUDA). The "llama" model
 has Llama-7B's layer shapes (hidden 4096, 32 heads, head_dim 128, MLP 11008) but --llama-layers layers
 (default 8) so that the PEFT eager path fits in memory; GQA with --llama-kv-heads 8.
 """
@@ -49,17 +50,37 @@ def model_configs(args):
     P = args.prefix
     if args.quick and not torch.cuda.is_available():
         seq, batch = 64, 2
-        gpt2 = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=seq + P,
-                          bos_token_id=0, eos_token_id=0)
-        llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=seq + P)
+        gpt2 = GPT2Config(
+            n_layer=2,
+            n_head=4,
+            n_embd=64,
+            vocab_size=1000,
+            n_positions=seq + P,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        llama = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=seq + P,
+        )
         shapes = {"gpt2-small": (gpt2, batch, seq), "llama": (llama, batch, seq)}
     else:
-        # GPT-2 small, with room for P positions: both paths place the text after the prefix (PEFT's convention)
+        # GPT-2 small, with room for P positions: both paths put the text after the prefix (as PEFT does)
         gpt2 = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024 + P)
-        llama = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.llama_layers,
-                            num_attention_heads=32, num_key_value_heads=args.llama_kv_heads, vocab_size=32000,
-                            max_position_embeddings=4096)
+        llama = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=args.llama_layers,
+            num_attention_heads=32,
+            num_key_value_heads=args.llama_kv_heads,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        )
         shapes = {"gpt2-small": (gpt2, 8, 1024), "llama": (llama, 4, 2048)}
     for cfg, _, _ in shapes.values():
         for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout"):
@@ -85,8 +106,10 @@ def build_path(path: str, config, P: int, dtype, device, seed: int, peft_init=No
 
     if path.startswith("peft"):
         attn = path[5:-1]
-        model = get_peft_model(build_model(config, attn, dtype, device, seed),
-                               PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        model = get_peft_model(
+            build_model(config, attn, dtype, device, seed),
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+        )
         emb = model.prompt_encoder[model.active_adapter].embedding
         if peft_init is not None:
             with torch.no_grad():
@@ -102,8 +125,9 @@ def build_path(path: str, config, P: int, dtype, device, seed: int, peft_init=No
     prefix = PrefixTuning(model.config, num_virtual_tokens=P, device=device)
     if peft_init is not None:
         with torch.no_grad():
-            prefix.prefix_kv.copy_(PrefixTuning._kv_from_peft_embeddings(peft_init.to(prefix.prefix_kv.dtype),
-                                                                        prefix.shape, P))
+            prefix.prefix_kv.copy_(
+                PrefixTuning._kv_from_peft_embeddings(peft_init.to(prefix.prefix_kv.dtype), prefix.shape, P)
+            )
     prefix_attn.enable(model, prefix)
 
     def grad():
@@ -118,27 +142,69 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_steps(model, opt, input_ids, args, device) -> float:
+    """Median ms of a training step (forward, backward, optimizer step), after args.warmup steps."""
+
+    def step():
+        out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def run_model(name, config, batch, seq, args, device, dtype) -> list:
     P = args.prefix
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device)
     rows, reference, peft_init = [], None, None
     for path in args.paths:
-        row = {"model": name, "path": path, "batch": batch, "seq": seq, "prefix": P,
-               "dtype": str(dtype).replace("torch.", ""), "layers": getattr(config, "num_hidden_layers", None)
-               or config.n_layer, "status": "ok", "step_ms": None, "tokens_per_s": None, "peak_mib": None,
-               "loss": None, "loss_diff": None, "grad_err": None}
+        row = {
+            "model": name,
+            "path": path,
+            "batch": batch,
+            "seq": seq,
+            "prefix": P,
+            "dtype": str(dtype).replace("torch.", ""),
+            "layers": getattr(config, "num_hidden_layers", None) or config.n_layer,
+            "status": "ok",
+            "step_ms": None,
+            "tokens_per_s": None,
+            "peak_mib": None,
+            "loss": None,
+            "loss_diff": None,
+            "grad_err": None,
+        }
         model = None
         try:
             if path == "prefix_attn" and peft_init is None:
                 # the same prefix values as PEFT's: take them from a fresh PEFT model of the same seed
                 m, _, _, peft_model = build_path("peft[eager]", config, P, dtype, device, seed=0)
-                peft_init = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.detach().clone()
+                peft_init = (
+                    peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.detach().clone()
+                )
                 del m, peft_model
-            model, params, grad_of_prefix, peft_model = build_path(path, config, P, dtype, device, seed=0,
-                                                                   peft_init=peft_init)
+            model, params, grad_of_prefix, peft_model = build_path(
+                path, config, P, dtype, device, seed=0, peft_init=peft_init
+            )
             if peft_model is not None and peft_init is None:
-                peft_init = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.detach().clone()
+                peft_init = (
+                    peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.detach().clone()
+                )
             opt = torch.optim.AdamW(params, lr=1e-4)
 
             # correctness first: loss and prefix gradient on the same batch, against the first path
@@ -147,45 +213,34 @@ def run_model(name, config, batch, seq, args, device, dtype) -> list:
             g = grad_of_prefix()
             row["loss"] = loss.item()
             if g is None or not torch.isfinite(loss):
-                raise RuntimeError(f"no finite loss / prefix gradient (loss {loss.item()}, grad {g is not None})")
+                raise RuntimeError(
+                    f"no finite loss / prefix gradient (loss {loss.item()}, grad {g is not None})"
+                )
             g = g.detach().float().clone()
             opt.zero_grad(set_to_none=True)
             if reference is None:
                 reference = (row["loss"], g)
             else:
                 row["loss_diff"] = abs(row["loss"] - reference[0])
-                row["grad_err"] = ((g - reference[1]).abs().max() / reference[1].abs().max().clamp_min(1e-30)).item()
+                row["grad_err"] = (
+                    (g - reference[1]).abs().max() / reference[1].abs().max().clamp_min(1e-30)
+                ).item()
                 tol = TOL[dtype]
                 if row["loss_diff"] > tol * max(1.0, abs(reference[0])) or row["grad_err"] > 4 * tol:
-                    row["status"] = (f"mismatch vs {args.paths[0]}: loss diff {row['loss_diff']:.2e}, prefix grad "
-                                     f"err {row['grad_err']:.2e} (tol {tol:.0e})")
+                    row["status"] = (
+                        f"mismatch vs {args.paths[0]}: loss diff {row['loss_diff']:.2e}, prefix grad "
+                        f"err {row['grad_err']:.2e} (tol {tol:.0e})"
+                    )
 
-            def step():
-                out = model(input_ids=input_ids, labels=input_ids)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            for _ in range(args.warmup):
-                step()
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.steps):
-                sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
+            ms = time_steps(model, opt, input_ids, args, device)
             row.update(step_ms=ms, tokens_per_s=batch * seq / (ms * 1e-3))
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as exc:  # noqa: BLE001 - record, keep going
             oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            row["status"] = (
+                "OOM" if oom else f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            )
             if not oom and args.verbose:
                 traceback.print_exc()
         del model
@@ -199,12 +254,17 @@ def run_model(name, config, batch, seq, args, device, dtype) -> list:
 
 def table(results) -> str:
     meta = results["meta"]
-    lines = [f"== training step, {meta['device_name']} | torch {meta['torch']} | transformers {meta['transformers']}"
-             f" | peft {meta['peft']} | {meta['dtype']}, P={meta['prefix']}"]
+    lines = [
+        f"== training step, {meta['device_name']} | torch {meta['torch']} | "
+        f"transformers {meta['transformers']} | peft {meta['peft']} | {meta['dtype']}, P={meta['prefix']}"
+    ]
     if meta["tiny"]:
         lines.append("   TINY configs (--quick without CUDA): not the GPT-2 / Llama sizes")
-    lines.append(f"   {'model':11s} {'path':12s} {'B x T':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'vs peft[eager]':>14s} "
-                 f"{'peak MiB':>9s} {'loss':>8s} {'grad err':>8s}  status")
+    lines.append(
+        f"   {'model':11s} {'path':12s} {'B x T':>10s} {'ms/step':>9s} {'tokens/s':>10s} "
+        f"{'vs peft[eager]':>14s} "
+        f"{'peak MiB':>9s} {'loss':>8s} {'grad err':>8s}  status"
+    )
     base = {}
     for r in results["rows"]:
         if r["path"] == "peft[eager]" and r["step_ms"]:
@@ -218,7 +278,8 @@ def table(results) -> str:
             f"{'-' if ratio is None else format(ratio, '.2f') + 'x':>14s} "
             f"{'-' if r['peak_mib'] is None else format(r['peak_mib'], '9.0f'):>9s} "
             f"{'-' if r['loss'] is None else format(r['loss'], '8.4f'):>8s} "
-            f"{'-' if r['grad_err'] is None else format(r['grad_err'], '8.1e'):>8s}  {r['status'][:200]}")
+            f"{'-' if r['grad_err'] is None else format(r['grad_err'], '8.1e'):>8s}  {r['status'][:200]}"
+        )
     return "\n".join(lines)
 
 
@@ -238,7 +299,11 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     args.paths = args.paths.split(",")
     args.steps = args.steps or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -247,20 +312,34 @@ def main(argv=None):
         import peft
         import transformers
     except ImportError as exc:
-        raise SystemExit(f"the training-step benchmark needs transformers and peft: pip install 'prefix_attn[hf]' "
-                         f"({exc})") from None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-    results = {"meta": {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
-                        "peft": peft.__version__, "prefix_attn": prefix_attn.__version__,
-                        "backends": prefix_attn.available_backends(),
-                        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "dtype": str(dtype).replace("torch.", ""), "prefix": args.prefix, "steps": args.steps,
-                        "warmup": args.warmup, "argv": sys.argv[1:] if argv is None else argv,
-                        "tiny": args.quick and device.type != "cuda",
-                        "timing": "median wall time of a step (forward, backward, AdamW step), synchronised",
-                        "peak_memory": "torch.cuda.max_memory_allocated over the timed steps (weights included)"},
-               "rows": []}
+        raise SystemExit(
+            f"the training-step benchmark needs transformers and peft: pip install 'prefix_attn[hf]' ({exc})"
+        ) from None
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    )
+    results = {
+        "meta": {
+            "device_name": name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "prefix_attn": prefix_attn.__version__,
+            "backends": prefix_attn.available_backends(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "dtype": str(dtype).replace("torch.", ""),
+            "prefix": args.prefix,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "tiny": args.quick and device.type != "cuda",
+            "timing": "median wall time of a step (forward, backward, AdamW step), synchronised",
+            "peak_memory": "torch.cuda.max_memory_allocated over the timed steps (weights included)",
+        },
+        "rows": [],
+    }
     try:
         from bench_attention import git_commit  # same folder
     except ImportError:
@@ -272,7 +351,9 @@ def main(argv=None):
         results["rows"].extend(run_model(model_name, config, batch, seq, args, device, dtype))
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40]
-    path = os.path.join(args.out, f"train_step_{slug}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    path = os.path.join(
+        args.out, f"train_step_{slug}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    )
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"\nwrote {path}")

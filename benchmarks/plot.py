@@ -50,8 +50,9 @@ def plot_attention(results: dict, out_prefix: str) -> List[str]:
         if any(r["peak_mib"] is not None for r in sel):
             panels.append(("fwdbwd" if "fwdbwd" in modes else modes[-1], "peak_mib"))
         methods = [m for m in meta.get("methods", []) if any(r["method"] == m for r in sel)]
-        fig, axes = plt.subplots(len(panels), len(shapes), figsize=(4.2 * len(shapes), 3.0 * len(panels)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            len(panels), len(shapes), figsize=(4.2 * len(shapes), 3.0 * len(panels)), squeeze=False
+        )
         for j, shape in enumerate(shapes):
             prefixes = sorted({r["prefix"] for r in sel if r["shape"] == shape})
             for i, (mode, field) in enumerate(panels):
@@ -60,8 +61,12 @@ def plot_attention(results: dict, out_prefix: str) -> List[str]:
                 for k, method in enumerate(methods):
                     vals = []
                     for p in prefixes:
-                        hit = [r[field] for r in sel if (r["shape"], r["prefix"], r["mode"], r["method"]) ==
-                               (shape, p, mode, method) and r[field] is not None]
+                        hit = [
+                            r[field]
+                            for r in sel
+                            if (r["shape"], r["prefix"], r["mode"], r["method"]) == (shape, p, mode, method)
+                            and r[field] is not None
+                        ]
                         vals.append(hit[0] if hit else 0.0)
                     xs = [x + (k - (len(methods) - 1) / 2) * width for x in range(len(prefixes))]
                     ax.bar(xs, vals, width, label=method)
@@ -75,11 +80,21 @@ def plot_attention(results: dict, out_prefix: str) -> List[str]:
         height = fig.get_size_inches()[1]
         top = 1 - 0.8 / height  # room for the title and the legend
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, top), ncol=min(len(labels), 5),
-                   fontsize=8)
+        fig.legend(
+            handles,
+            labels,
+            loc="lower center",
+            bbox_to_anchor=(0.5, top),
+            ncol=min(len(labels), 5),
+            fontsize=8,
+        )
         scaled = " (SCALED-DOWN CPU shapes)" if meta.get("scaled_down") else ""
-        fig.suptitle(f"prefix attention, {dtype}, {meta['device_name']}{scaled}\n"
-                     f"torch {meta['torch']}, triton {meta['triton']}, {meta['date'][:10]}", y=0.998, fontsize=9)
+        fig.suptitle(
+            f"prefix attention, {dtype}, {meta['device_name']}{scaled}\n"
+            f"torch {meta['torch']}, triton {meta['triton']}, {meta['date'][:10]}",
+            y=0.998,
+            fontsize=9,
+        )
         fig.tight_layout(rect=(0, 0, 1, top))
         path = f"{out_prefix}_{dtype}.png"
         fig.savefig(path, dpi=110)
@@ -96,23 +111,31 @@ def plot_train_step(results: dict, out_prefix: str) -> List[str]:
     meta = results["meta"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     paths = list(dict.fromkeys(r["path"] for r in rows))
-    fields = [("tokens_per_s", "tokens/s")] + ([("peak_mib", "peak MiB")] if any(r["peak_mib"] for r in rows) else [])
+    fields = [("tokens_per_s", "tokens/s")] + (
+        [("peak_mib", "peak MiB")] if any(r["peak_mib"] for r in rows) else []
+    )
     fig, axes = plt.subplots(1, len(fields), figsize=(5.5 * len(fields), 3.6), squeeze=False)
     width = 0.8 / len(paths)
     for i, (field, label) in enumerate(fields):
         ax = axes[0][i]
         for k, path in enumerate(paths):
-            vals = [next((r[field] or 0.0 for r in rows if r["model"] == m and r["path"] == path), 0.0)
-                    for m in models]
-            ax.bar([x + (k - (len(paths) - 1) / 2) * width for x in range(len(models))], vals, width, label=path)
+            vals = [
+                next((r[field] or 0.0 for r in rows if r["model"] == m and r["path"] == path), 0.0)
+                for m in models
+            ]
+            ax.bar(
+                [x + (k - (len(paths) - 1) / 2) * width for x in range(len(models))], vals, width, label=path
+            )
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     tiny = " (TINY configs)" if meta.get("tiny") else ""
-    fig.suptitle(f"prefix-tuning training step, {meta['dtype']}, P={meta['prefix']}, {meta['device_name']}{tiny}",
-                 fontsize=9)
+    fig.suptitle(
+        f"prefix-tuning training step, {meta['dtype']}, P={meta['prefix']}, {meta['device_name']}{tiny}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = f"{out_prefix}.png"
     fig.savefig(path, dpi=110)
@@ -122,12 +145,15 @@ def plot_train_step(results: dict, out_prefix: str) -> List[str]:
 
 def main(argv=None) -> List[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="*", help="attention_*.json / train_step_*.json (default: the newest of each)")
+    p.add_argument(
+        "files", nargs="*", help="attention_*.json / train_step_*.json (default: the newest of each)"
+    )
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder to look in")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
-    files = args.files or [f for f in (newest(args.results, "train_step_*.json"),
-                                       newest(args.results, "attention_*.json")) if f]
+    files = args.files or [
+        f for f in (newest(args.results, "train_step_*.json"), newest(args.results, "attention_*.json")) if f
+    ]
     if not files:
         raise SystemExit(f"no results in {args.results}; run benchmarks/bench_attention.py first")
     sys.path.insert(0, HERE)

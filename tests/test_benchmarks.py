@@ -110,9 +110,25 @@ def test_flops_convention():
 
 
 def test_suite_runs_on_a_tiny_shape_and_writes_json(tmp_path):
-    results = bench.main(["--shapes", "tiny", "--prefix", "0,5", "--modes", "fwd,bwd,fwdbwd",
-                          "--methods", "prefix_attn,peft_eager,sdpa[auto],flash_attn", "--device", "cpu",
-                          "--cpu-min-run-time", "0.005", "--out", str(tmp_path), "--no-table"])
+    results = bench.main(
+        [
+            "--shapes",
+            "tiny",
+            "--prefix",
+            "0,5",
+            "--modes",
+            "fwd,bwd,fwdbwd",
+            "--methods",
+            "prefix_attn,peft_eager,sdpa[auto],flash_attn",
+            "--device",
+            "cpu",
+            "--cpu-min-run-time",
+            "0.005",
+            "--out",
+            str(tmp_path),
+            "--no-table",
+        ]
+    )
     files = sorted(os.listdir(tmp_path))
     json_files = [f for f in files if f.endswith(".json")]
     assert len(json_files) == 1 and json_files[0].startswith("attention_"), files
@@ -149,8 +165,23 @@ def test_train_step_benchmark_runs_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     train = _load("bench_train_step")
-    results = train.main(["--quick", "--device", "cpu", "--steps", "1", "--warmup", "0", "--prefix", "4",
-                          "--models", "llama", "--out", str(tmp_path)])  # the tiny llama has GQA
+    results = train.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--prefix",
+            "4",
+            "--models",
+            "llama",
+            "--out",
+            str(tmp_path),
+        ]
+    )  # the tiny llama has GQA
     rows = results["rows"]
     assert {r["path"] for r in rows} == {"peft[eager]", "peft[sdpa]", "prefix_attn"}
     for r in rows:

@@ -94,7 +94,8 @@ def check(cfg) -> dict:
         lv = [t.clone().requires_grad_() for t in leaves]
         out = fwd_bwd(fn, lv, dout)
         got = [out.detach()] + [t.grad for t in lv]
-        err = max(((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want))
+        err = max(((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+                  for g, w in zip(got, want))
         errs[name] = err
         if not err < 1e-4:
             raise SystemExit(f"{cfg}: {name} disagrees with the float64 reference (relative error {err:.2e})")
@@ -212,7 +213,8 @@ def main() -> None:
         mib = {n: f"{row['peak_bytes'][n] / 2**20:.1f}" if n in row["peak_bytes"] else "-" for n in VARIANTS}
         print(f"{cfg[0]:>2} {cfg[1]:>3} {cfg[2]:>5} {cfg[3]:>4} {cfg[4]:>4} | "
               f"{timing['median_s']['sdpa'] * 1e3:8.1f} {timing['median_s']['cpu'] * 1e3:8.1f} "
-              f"{timing['ratio_median']:5.2f}x {row['cpu_gflops']:11.1f} | {mib['sdpa']:>13} {mib['cpu']:>12}",
+              f"{timing['ratio_median']:5.2f}x {row['cpu_gflops']:11.1f} | "
+              f"{mib['sdpa']:>13} {mib['cpu']:>12}",
               flush=True)
     if args.quick:
         return
@@ -220,10 +222,11 @@ def main() -> None:
     with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = [f"# CPU kernel vs expand + concat + SDPA (`{meta['command']}`)", "",
-             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, torch {meta['torch']}, "
-             f"float32 forward + backward, median of {rounds} side-by-side rounds; ratio = median of per-round "
-             f"sdpa / cpu; peak = resident-memory high-water mark above the inputs "
-             f"({rows[0]['memory_method']}); load average at start {meta['load_average_at_start'][0]:.2f}.", "",
+             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, "
+             f"torch {meta['torch']}, float32 forward + backward, median of {rounds} side-by-side rounds; "
+             f"ratio = median of per-round sdpa / cpu; peak = resident-memory high-water mark above the "
+             f"inputs ({rows[0]['memory_method']}); load average at start "
+             f"{meta['load_average_at_start'][0]:.2f}.", "",
              "| B | H | T | D | P | sdpa ms | cpu ms | ratio | cpu GFLOP/s | sdpa peak MiB | cpu peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

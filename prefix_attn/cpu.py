@@ -77,8 +77,9 @@ def _load():
         cflags, ldflags = _compile_flags()
         # the torch version is part of the name: a module built against another torch is never reused
         name = "prefix_attn_cpu_" + re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
+        verbose = os.environ.get("PREFIX_ATTN_VERBOSE_BUILD") == "1"
         mod = cpp_extension.load(name=name, sources=sources, extra_include_paths=[_CSRC], extra_cflags=cflags,
-                                 extra_ldflags=ldflags, verbose=os.environ.get("PREFIX_ATTN_VERBOSE_BUILD") == "1")
+                                 extra_ldflags=ldflags, verbose=verbose)
     except Exception as exc:  # compiler missing, ninja missing, build error: report, never raise
         msg = str(exc).strip().splitlines()
         return None, f"{prebuilt}; JIT build failed: {type(exc).__name__}: {msg[-1] if msg else ''}", ""
@@ -117,6 +118,7 @@ def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask: Optional[
                     causal: bool, softmax_scale: float, need_dq: bool = True, need_dkv: bool = True,
                     need_dprefix: bool = True):
     """-> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype; None for the ones not asked for."""
-    dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, bool(causal),
-                                         float(softmax_scale), bool(need_dq), bool(need_dkv), bool(need_dprefix))
+    dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse,
+                                         bool(causal), float(softmax_scale), bool(need_dq), bool(need_dkv),
+                                         bool(need_dprefix))
     return dq, dk, dv, dpk, dpv

@@ -152,7 +152,7 @@ def test_unneeded_gradients_are_skipped(ext):
 
 
 def test_strided_inputs_and_shared_prefix(ext):
-    """[B, T, H, D] tensors viewed as [B, H, T, D], and a prefix broadcast over heads (stride 0), read as is."""
+    """[B, T, H, D] tensors viewed as [B, H, T, D]; a prefix broadcast over heads (stride 0) is read as is."""
     B, H, T, P, D = 2, 4, 19, 5, 16
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(B, T, H, D, generator=g).transpose(1, 2) for _ in range(3))
@@ -170,9 +170,9 @@ def test_lse_matches_reference(ext):
     case = GRID[6]
     q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)
     out, lse = cpu_backend.prefix_attn_fwd(q, k, v, pk, pv, mask, case.causal, 0.3)
-    ref_out, ref_lse = prefix_attention_reference(q.double(), k.double(), v.double(), pk.double(), pv.double(),
-                                                  causal=case.causal, softmax_scale=0.3, attention_mask=mask,
-                                                  return_lse=True)
+    as64 = [t.double() for t in (q, k, v, pk, pv)]
+    ref_out, ref_lse = prefix_attention_reference(*as64, causal=case.causal, softmax_scale=0.3,
+                                                  attention_mask=mask, return_lse=True)
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
@@ -184,7 +184,8 @@ def test_boundary_checks_name_the_argument(ext):
     with pytest.raises(RuntimeError, match=r"prefix_k must be \[heads_kv=2, num_prefix, head_dim=4\]"):
         ext.fwd(q, k, k, torch.randn(3, 1, 4), torch.randn(3, 1, 4), None, True, 0.5)
     with pytest.raises(RuntimeError, match=r"attention_mask must be \[batch=1, len_k=3\]"):
-        ext.fwd(q, k, k, torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.ones(1, 4, dtype=torch.bool), True, 0.5)
+        bad_mask = torch.ones(1, 4, dtype=torch.bool)
+        ext.fwd(q, k, k, torch.randn(2, 1, 4), torch.randn(2, 1, 4), bad_mask, True, 0.5)
 
 
 def test_large_head_dim_and_multiple_key_blocks(ext):

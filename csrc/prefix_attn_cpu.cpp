@@ -17,7 +17,7 @@
 // Forward: parallel over (batch, head_q, query block); online softmax over the key blocks, so the only
 // per-thread state is one [block_q, block_k] score tile and one [block_q, head_dim] accumulator.
 // Backward: parallel over (batch, head_kv); a task walks the heads_q / heads_kv query heads of its group,
-// their query blocks and the visible key blocks in a fixed order, so it owns dK/dV of its (batch, kv head),
+// the key blocks and the query rows that see them in a fixed order, so it owns dK/dV of its (batch, kv head),
 // dQ of its query heads and one [P, head_dim] partial of the prefix gradients, which are then summed over
 // the batch in batch order. Every sum runs in a fixed order: the gradients are bitwise reproducible.
 //
@@ -74,11 +74,13 @@ void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_
 
 namespace {
 
-// Tile sizes. block_k is large so that each BLAS call has enough work to hide its fixed cost; the
-// forward query block is small so that the work wasted on the causal diagonal stays small.
+// Tile sizes. Forward: query blocks of kFwdBlockQ rows (small, so that little work is wasted on the causal
+// diagonal) against key blocks of kFwdBlockK (large, so that each BLAS call has enough work).
+// Backward: key blocks of kBwdBlockK against up to kBwdBlockQ query rows at a time.
 constexpr int64_t kFwdBlockQ = 64;
-constexpr int64_t kBwdBlockQ = 64;
-constexpr int64_t kBlockK = 512;
+constexpr int64_t kFwdBlockK = 512;
+constexpr int64_t kBwdBlockQ = 256;
+constexpr int64_t kBwdBlockK = 64;
 
 std::string shape_str(const at::Tensor& t) {
   std::string s = "[";
@@ -359,7 +361,6 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
                             const MaskInfo& mask, const Dims& d, bool causal, double scale, bool need_dq,
                             bool need_dkv, bool need_dprefix, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                             at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
-  const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
   const Rows4<T> Q(q), K(k), V(v), PK(pk), PV(pv), dO(dout), O(out);
@@ -377,7 +378,7 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
 
   at::parallel_for(0, d.batch * d.heads_kv, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
-    std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(block_q);
+    std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(d.len_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
@@ -387,45 +388,48 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
       T* dpv_bh = dpv_ptr ? dpv_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t hq = hkv * d.group + g;
-        for (int64_t qb = 0; qb < nqb; ++qb) {
-          const int64_t q0 = qb * block_q;
-          const int64_t bq = std::min(block_q, d.len_q - q0);
-          const T* q_tile = Q.at(b, hq, q0);
-          const T* do_tile = dO.at(b, hq, q0);
-          row_dots(do_tile, dO.st, O.at(b, hq, q0), O.st, bq, D, delta.data());
-          const T* lse_rows = lse_ptr + (b * d.heads_q + hq) * d.len_q + q0;
-          T* dq_tile = dq_ptr ? dq_ptr + ((b * d.heads_q + hq) * d.len_q + q0) * D : nullptr;
+        row_dots(dO.at(b, hq, 0), dO.st, O.at(b, hq, 0), O.st, d.len_q, D, delta.data());
+        const T* lse_h = lse_ptr + (b * d.heads_q + hq) * d.len_q;
+        T* dq_h = dq_ptr ? dq_ptr + (b * d.heads_q + hq) * d.len_q * D : nullptr;
 
-          // One key block: P and dS from the recomputed scores, then the three gradient products.
-          auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
-                           int64_t n, const T* col_bias, int64_t lim0) {
-            T* S = s_buf.data();
-            T* dS = dp_buf.data();
-            gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
-            gemm<T>(false, true, bq, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
-            bwd_rows(S, dS, bq, n, sc, col_bias, lim0, lse_rows, delta.data());
-            if (dv_tile) gemm<T>(true, false, n, D, bq, T(1), S, n, do_tile, dO.st, T(1), dv_tile, D);
-            if (dk_tile) gemm<T>(true, false, n, D, bq, sc, dS, n, q_tile, Q.st, T(1), dk_tile, D);
-            if (dq_tile) gemm<T>(false, false, bq, D, n, sc, dS, n, k_tile, ldk, T(1), dq_tile, D);
-          };
+        // Key block [n keys] x query rows [r0, r0 + m): P and dS from the recomputed scores, then the three
+        // gradient products. Key-block-outer order makes every product long in its inner dimension: dK and
+        // dV sum over up to block_q rows in one call, dQ takes the whole block of keys.
+        auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
+                         int64_t n, const T* col_bias, int64_t r0, int64_t m, int64_t lim0) {
+          T* S = s_buf.data();
+          T* dS = dp_buf.data();
+          const T* q_tile = Q.at(b, hq, r0);
+          const T* do_tile = dO.at(b, hq, r0);
+          gemm<T>(false, true, m, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
+          gemm<T>(false, true, m, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
+          bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0);
+          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, dO.st, T(1), dv_tile, D);
+          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, Q.st, T(1), dk_tile, D);
+          if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * D, D);
+        };
 
-          if (do_prefix) {
-            for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
-              const int64_t n = std::min(block_k, d.num_prefix - p0);
+        if (do_prefix) {
+          for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
+            const int64_t n = std::min(block_k, d.num_prefix - p0);
+            for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
               block(PK.at(0, hkv, p0), PK.st, PV.at(0, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
-                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, n);
+                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n);
             }
           }
-          if (do_text) {
-            const int64_t k_begin = mask.present ? mask.first[b] : 0;
-            const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
-            for (int64_t k0 = k_begin; k0 < k_end; k0 += block_k) {
-              const int64_t n = std::min(block_k, k_end - k0);
-              if (mask.present && mask.block_empty(b, k0, n)) continue;
-              const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
+        }
+        if (do_text) {
+          const int64_t k_begin = mask.present ? mask.first[b] : 0;
+          for (int64_t k0 = k_begin; k0 < d.len_k; k0 += block_k) {
+            const int64_t n = std::min(block_k, d.len_k - k0);
+            if (mask.present && mask.block_empty(b, k0, n)) continue;
+            // with `causal`, query rows before k0 - offset see none of these keys
+            const int64_t r_begin = causal ? std::max<int64_t>(0, k0 - offset) : 0;
+            for (int64_t r0 = r_begin; r0 < d.len_q; r0 += block_q) {
+              const int64_t m = std::min(block_q, d.len_q - r0);
               block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, dk_bh ? dk_bh + k0 * D : nullptr,
-                    dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr,
-                    lim0);
+                    dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, r0,
+                    m, causal ? offset + r0 + 1 - k0 : n);
             }
           }
         }
@@ -540,11 +544,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sees no key",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"),
-        py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kBlockK);
+        py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK);
   m.def("bwd", &prefix_attn::bwd,
         "prefix attention backward -> [dq, dk, dv, dprefix_k, dprefix_v] (None where not needed)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("softmax_scale"),
         py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
-        py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBlockK);
+        py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK);
 }

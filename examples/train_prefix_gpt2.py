@@ -97,7 +97,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="prefix_example_out", help="where the base model and the prefix are saved")
     ap.add_argument("--rule", default="-2", choices=sorted(RULES), help="what the prefix should teach")
-    ap.add_argument("--pretrain-steps", type=int, default=400)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200, help="prefix training steps")
     ap.add_argument("--num-virtual-tokens", type=int, default=8)
     ap.add_argument("--projection", action="store_true", help="train through Li & Liang's MLP, then materialise")
@@ -112,7 +112,7 @@ def main():
     t0 = time.time()
 
     # 1. a tiny GPT-2 trained on the four-rule language; attention dropout 0 (prefix_attn has none)
-    config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=96, n_layer=3, n_head=4,
+    config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
                         pad_token_id=PAD)
     model = GPT2LMHeadModel(config)

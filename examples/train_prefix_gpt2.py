@@ -1,15 +1,15 @@
 """Prefix tuning of a small GPT-2 with prefix_attn, on the CPU in a few minutes, without any download.
 
-1. Pretrain a tiny GPT-2 (built from a config) on a synthetic language: counting sequences mod 20 with one of four
-   rules (+1, -1, +2, -2) picked at random per sequence. Given only a start number, the stock model cannot know
-   which rule to follow.
+1. Pretrain a tiny GPT-2 (built from a config) on a synthetic language: counting sequences mod 20 with one of
+   four rules (+1, -1, +2, -2) picked at random per sequence. Given only a start number, the stock model
+   cannot know which rule to follow.
 2. Freeze it and train only a prefix (per-layer K/V, ``prefix_attn.PrefixTuning``) on sequences of one rule
    (default: -2). The attention runs through ``prefix_attention`` on the stock ``GPT2LMHeadModel``.
 3. Save the prefix, reload it onto a freshly loaded copy of the model, and generate from a batch of prompts of
    different lengths (left-padded): the model now counts the prefix's way.
 
-    python examples/train_prefix_gpt2.py                 # ~1-3 minutes on 2 CPU cores
-    python examples/train_prefix_gpt2.py --projection    # Li & Liang's MLP reparameterisation, then materialised
+    python examples/train_prefix_gpt2.py                 # seconds to minutes on 2 CPU cores
+    python examples/train_prefix_gpt2.py --projection    # Li & Liang's MLP, materialised after training
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def train(model, params, batches, steps: int, lr: float, desc: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="prefix_example_out", help="where the base model and the prefix are saved")
+    ap.add_argument("--out", default="prefix_example_out", help="where the model and the prefix are saved")
     ap.add_argument("--rule", default="-2", choices=sorted(RULES), help="what the prefix should teach")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200, help="prefix training steps")
     ap.add_argument("--num-virtual-tokens", type=int, default=8)
-    ap.add_argument("--projection", action="store_true", help="train through Li & Liang's MLP, then materialise")
-    ap.add_argument("--lr", type=float, default=None, help="prefix learning rate (default 3e-2, 1e-3 with MLP)")
+    ap.add_argument("--projection", action="store_true", help="train through Li & Liang's MLP")
+    ap.add_argument("--lr", type=float, default=None, help="prefix learning rate (3e-2; 1e-3 with MLP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()

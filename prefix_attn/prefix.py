@@ -8,17 +8,17 @@ Layout, one tensor for the whole model::
 Parameterisations:
 
 * direct (default): ``prefix_kv`` is the trainable parameter itself.
-* ``projection=True``: Li & Liang's reparameterisation, a ``[P, projection_dim]`` embedding through a two-layer
-  tanh MLP to ``[P, num_layers * 2 * heads_kv * head_dim]``. Module and parameter names (``embedding``,
-  ``transform.0``, ``transform.2``) and the output layout are PEFT's ``PrefixEncoder``, so weights move both
-  ways unchanged. After training, ``materialize()`` evaluates the MLP once and drops it.
+* ``projection=True``: Li & Liang's reparameterisation, a ``[P, projection_dim]`` embedding through a
+  two-layer tanh MLP to ``[P, num_layers * 2 * heads_kv * head_dim]``. Module and parameter names
+  (``embedding``, ``transform.0``, ``transform.2``) and the output layout are PEFT's ``PrefixEncoder``, so
+  weights move both ways unchanged. After training, ``materialize()`` evaluates the MLP once and drops it.
 
 Initialisation: ``init="normal"`` (small random, ``init_std``), ``"zeros"``, or :meth:`PrefixTuning.from_text`
 (the K/V activations of real words, Li & Liang's "initialise with real words" trick).
 
-PEFT stores prefix tuning as one ``[P, num_layers * 2 * token_dim]`` matrix (``token_dim = heads_kv * head_dim``)
-that it views as ``[P, 2 * num_layers, heads_kv, head_dim]`` with layer ``l``'s keys at ``2l`` and values at
-``2l + 1``; :meth:`PrefixTuning.from_peft`, :meth:`PrefixTuning.from_peft_adapter` and
+PEFT stores prefix tuning as one ``[P, num_layers * 2 * token_dim]`` matrix (``token_dim = heads_kv *
+head_dim``) that it views as ``[P, 2 * num_layers, heads_kv, head_dim]`` with layer ``l``'s keys at ``2l``
+and values at ``2l + 1``; :meth:`PrefixTuning.from_peft`, :meth:`PrefixTuning.from_peft_adapter` and
 :meth:`PrefixTuning.to_peft_embeddings` convert between that and the layout above.
 
 This module needs only torch (and ``safetensors`` to save/load); it never imports transformers or peft
@@ -88,12 +88,14 @@ class PrefixTuning(nn.Module):
         num_virtual_tokens:  ``P``, prefix slots per layer
         projection:          Li & Liang's MLP reparameterisation (PEFT ``prefix_projection=True``)
         projection_dim:      embedding width fed to the MLP (default ``heads_kv * head_dim``, as PEFT)
-        projection_hidden:   MLP hidden width (default ``heads_kv * head_dim``, PEFT's ``encoder_hidden_size``)
-        init:                ``"normal"`` (N(0, init_std)) or ``"zeros"``; for ``projection=True`` this is the
-                             embedding init and ``"zeros"`` zeroes the MLP's last layer (PEFT ``init_weights="zero"``)
+        projection_hidden:   MLP hidden width (default ``heads_kv * head_dim``, PEFT's
+                             ``encoder_hidden_size``)
+        init:                ``"normal"`` (N(0, init_std)) or ``"zeros"``; for ``projection=True`` this is
+                             the embedding init and ``"zeros"`` zeroes the MLP's last layer (PEFT
+                             ``init_weights="zero"``)
         init_std:            standard deviation of ``"normal"``
-        dtype, device:       of the parameters (float32 recommended for training even for a half-precision model:
-                             the attention function casts the prefix to the query dtype)
+        dtype, device:       of the parameters (float32 recommended for training even for a half-precision
+                             model: the attention function casts the prefix to the query dtype)
     """
 
     def __init__(
@@ -114,8 +116,8 @@ class PrefixTuning(nn.Module):
         if num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
         if init not in ("normal", "zeros"):
-            raise ValueError(f"init must be 'normal' or 'zeros', got {init!r} (use PrefixTuning.from_text for "
-                             f"initialisation from real words)")
+            raise ValueError(f"init must be 'normal' or 'zeros', got {init!r} (use PrefixTuning.from_text "
+                             f"for initialisation from real words)")
         self.shape = shape
         self.num_virtual_tokens = int(num_virtual_tokens)
         self.projection = bool(projection)
@@ -167,8 +169,8 @@ class PrefixTuning(nn.Module):
             diffs = [f"{name}: prefix {getattr(self.shape, name)} vs model {getattr(other, name)}"
                      for name in ("num_layers", "num_kv_heads", "head_dim")
                      if getattr(self.shape, name) != getattr(other, name)]
-            raise ValueError(f"this prefix was built for another model shape ({self.shape.describe()}), the model "
-                             f"has {other.describe()}; mismatched: " + "; ".join(diffs))
+            raise ValueError(f"this prefix was built for another model shape ({self.shape.describe()}), the "
+                             f"model has {other.describe()}; mismatched: " + "; ".join(diffs))
 
     # ------------------------------------------------------------------ values
     def key_value(self) -> torch.Tensor:
@@ -209,16 +211,18 @@ class PrefixTuning(nn.Module):
 
     # ------------------------------------------------------------------ PEFT layout
     def to_peft_embeddings(self) -> torch.Tensor:
-        """The prefix as PEFT stores it: ``[P, num_layers * 2 * heads_kv * head_dim]`` (``prompt_embeddings``)."""
+        """The prefix as PEFT stores it: ``[P, num_layers * 2 * heads_kv * head_dim]``
+        (``prompt_embeddings``)."""
         kv = self.key_value()
         return kv.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1)
 
     @staticmethod
-    def _kv_from_peft_embeddings(flat: torch.Tensor, shape: PrefixShape, num_virtual_tokens: int) -> torch.Tensor:
+    def _kv_from_peft_embeddings(flat: torch.Tensor, shape: PrefixShape,
+                                 num_virtual_tokens: int) -> torch.Tensor:
         expected = (num_virtual_tokens, shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim)
         if tuple(flat.shape) != expected:
-            raise ValueError(f"PEFT prefix embeddings have shape {tuple(flat.shape)}, expected {expected} for "
-                             f"{shape.describe()} and num_virtual_tokens={num_virtual_tokens}")
+            raise ValueError(f"PEFT prefix embeddings have shape {tuple(flat.shape)}, expected {expected} "
+                             f"for {shape.describe()} and num_virtual_tokens={num_virtual_tokens}")
         kv = flat.reshape(num_virtual_tokens, shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
         return kv.permute(1, 2, 3, 0, 4).contiguous()
 
@@ -229,9 +233,11 @@ class PrefixTuning(nn.Module):
         heads = peft_config.num_attention_heads
         token_dim = peft_config.token_dim
         if getattr(peft_config, "num_transformer_submodules", 1) not in (None, 1):
-            raise ValueError("only decoder-only PEFT prefix tuning (num_transformer_submodules=1) is supported")
+            raise ValueError("only decoder-only PEFT prefix tuning (num_transformer_submodules=1) is "
+                             "supported")
         if token_dim % heads:
-            raise ValueError(f"PEFT config token_dim={token_dim} is not a multiple of num_attention_heads={heads}")
+            raise ValueError(f"PEFT config token_dim={token_dim} is not a multiple of "
+                             f"num_attention_heads={heads}")
         shape = PrefixShape(int(num_layers), int(heads), int(token_dim // heads))
         if model_config is not None:
             model_shape = prefix_shape_from_config(model_config)
@@ -242,10 +248,11 @@ class PrefixTuning(nn.Module):
 
     @classmethod
     def from_peft(cls, peft_model, adapter_name: Optional[str] = None) -> "PrefixTuning":
-        """Same values as a PEFT ``PrefixTuningConfig`` model (trained or fresh), as a new, independent module.
+        """Same values as a PEFT ``PrefixTuningConfig`` model (trained or fresh), as a new, independent
+        module.
 
-        With ``prefix_projection=True`` (and not ``inference_mode``) the embedding and MLP are copied, so training
-        can go on through the same reparameterisation; otherwise the K/V matrix is copied.
+        With ``prefix_projection=True`` (and not ``inference_mode``) the embedding and MLP are copied, so
+        training can go on through the same reparameterisation; otherwise the K/V matrix is copied.
         """
         name = adapter_name or peft_model.active_adapter
         peft_config = peft_model.peft_config[name]
@@ -271,8 +278,9 @@ class PrefixTuning(nn.Module):
     @classmethod
     def from_peft_adapter(cls, path: str, config=None, *, dtype: torch.dtype = torch.float32,
                           device=None) -> "PrefixTuning":
-        """Load a saved PEFT prefix-tuning adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
-        or ``adapter_model.bin``) as a direct prefix. ``config``: the model config, checked against the adapter."""
+        """Load a saved PEFT prefix-tuning adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors`` or ``adapter_model.bin``) as a direct prefix. ``config``: the model
+        config, checked against the adapter."""
         with open(os.path.join(path, "adapter_config.json")) as f:
             adapter_config = json.load(f)
         if adapter_config.get("peft_type") != "PREFIX_TUNING":
@@ -302,12 +310,13 @@ class PrefixTuning(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_text(cls, model, token_ids: Union[Sequence[int], torch.Tensor], *, projection: bool = False,
-                  projection_hidden: Optional[int] = None, dtype: torch.dtype = torch.float32) -> "PrefixTuning":
+                  projection_hidden: Optional[int] = None,
+                  dtype: torch.dtype = torch.float32) -> "PrefixTuning":
         """Initialise from real words: ``P = len(token_ids)``.
 
-        Direct mode: run the (stock, not prefix-enabled) model on the tokens and take every layer's K/V activations
-        (Li & Liang, section 7.2). Projection mode: the MLP input embedding starts as the model's word embeddings of
-        the tokens (needs ``projection_dim == hidden_size``) with a zero last MLP layer.
+        Direct mode: run the (stock, not prefix-enabled) model on the tokens and take every layer's K/V
+        activations (Li & Liang, section 7.2). Projection mode: the MLP input embedding starts as the model's
+        word embeddings of the tokens (needs ``projection_dim == hidden_size``) with a zero last MLP layer.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         P = int(ids.numel())
@@ -344,8 +353,8 @@ class PrefixTuning(nn.Module):
                 "projection_hidden": self.projection_hidden}
 
     def save(self, path: str) -> str:
-        """Write the weights and the config to one safetensors file (``path`` or ``path/prefix.safetensors`` for
-        a directory). Returns the file written."""
+        """Write the weights and the config to one safetensors file (``path`` or ``path/prefix.safetensors``
+        for a directory). Returns the file written."""
         from safetensors.torch import save_file
 
         if os.path.isdir(path) or path.endswith(os.sep):

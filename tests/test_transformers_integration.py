@@ -87,7 +87,8 @@ def test_forward_backward_match_peft(kind):
     torch.testing.assert_close(b.loss, a.loss, atol=1e-6, rtol=1e-6)
     a.loss.backward()
     b.loss.backward()
-    torch.testing.assert_close(prefix.prefix_kv.grad, peft_prefix_grad(peft_model, prefix), atol=1e-6, rtol=1e-4)
+    expected = peft_prefix_grad(peft_model, prefix)
+    torch.testing.assert_close(prefix.prefix_kv.grad, expected, atol=1e-6, rtol=1e-4)
     assert all(p.grad is None for p in ours.parameters()), "model weights must stay frozen"
 
 
@@ -142,8 +143,8 @@ def test_training_curves_match_peft(kind):
     assert losses_a[-1] < losses_a[0]
     torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), atol=1e-5, rtol=1e-5)
     flat = peft_model.prompt_encoder["default"].embedding.weight.detach()
-    torch.testing.assert_close(prefix.prefix_kv.detach(), PrefixTuning._kv_from_peft_embeddings(flat, prefix.shape, P),
-                               atol=1e-5, rtol=1e-5)
+    expected = PrefixTuning._kv_from_peft_embeddings(flat, prefix.shape, P)
+    torch.testing.assert_close(prefix.prefix_kv.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -339,8 +340,8 @@ def test_load_saved_peft_adapter(tmp_path, projection):
     assert not loaded.projection  # PEFT saves the materialised K/V
     torch.testing.assert_close(loaded.key_value(), prefix.key_value().detach(), atol=1e-6, rtol=1e-6)
     # and back into PEFT's layout
-    torch.testing.assert_close(loaded.to_peft_embeddings(), peft_model.get_prompt_embedding_to_save("default"),
-                               atol=1e-6, rtol=1e-6)
+    expected = peft_model.get_prompt_embedding_to_save("default")
+    torch.testing.assert_close(loaded.to_peft_embeddings(), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_static_cache_is_refused():

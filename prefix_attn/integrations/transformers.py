@@ -9,20 +9,20 @@
 
 How, without copying any model code:
 
-* an attention function ``"prefix_attn"`` in transformers' ``AttentionInterface``; ``enable`` switches the model
-  to it with ``set_attn_implementation`` and ``disable`` switches back to what it was;
+* an attention function ``"prefix_attn"`` in transformers' ``AttentionInterface``; ``enable`` switches the
+  model to it with ``set_attn_implementation`` and ``disable`` switches back to what it was;
 * a mask function ``"prefix_attn"`` in ``AttentionMaskInterface``: transformers builds no mask at all for an
   attention name it has no mask function for, so padding would be lost; this one hands the attention function
   a ``[batch, len_k]`` bool key mask (or None when nothing is padded);
-* a forward pre-hook on the decoder (``model.base_model``) that shifts ``position_ids`` by ``P`` exactly as PEFT
-  does (PEFT's prefix occupies cache positions ``0..P-1``, so the text starts at ``P``) and materialises the
-  prefix once per forward (outside any gradient-checkpointed layer);
+* a forward pre-hook on the decoder (``model.base_model``) that shifts ``position_ids`` by ``P`` exactly as
+  PEFT does (PEFT's prefix occupies cache positions ``0..P-1``, so the text starts at ``P``) and materialises
+  the prefix once per forward (outside any gradient-checkpointed layer);
 * a plain (non-Module) binding object on the model and on each attention layer, through which the attention
-  function finds ``prefix.key_value()[layer_idx]``. The prefix is never written to the KV cache, never expanded
-  over the batch and never concatenated with the text.
+  function finds ``prefix.key_value()[layer_idx]``. The prefix is never written to the KV cache, never
+  expanded over the batch and never concatenated with the text.
 
-The two registrations are made by the first ``enable`` call, never at import; they do nothing for models that do
-not ask for ``"prefix_attn"``. See docs/huggingface.md for the PEFT conventions mirrored and the limits.
+The two registrations are made by the first ``enable`` call, never at import; they do nothing for models that
+do not ask for ``"prefix_attn"``. See docs/huggingface.md for the PEFT conventions mirrored and the limits.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ ATTN_IMPLEMENTATION = "prefix_attn"
 
 
 class _Binding:
-    """What ``enable`` attaches to a model. A plain object on purpose: attributes that are nn.Modules or tensors
-    would become submodules/buffers and leak into ``model.state_dict()``."""
+    """What ``enable`` attaches to a model. A plain object on purpose: attributes that are nn.Modules or
+    tensors would become submodules/buffers and leak into ``model.state_dict()``."""
 
     def __init__(self, prefix: PrefixTuning, previous_attn, frozen, ignore_attention_dropout: bool):
         self.prefix = prefix
@@ -81,8 +81,9 @@ class _Binding:
 
 # ---------------------------------------------------------------------------------------------- masks
 def _key_mask_from_4d(mask: torch.Tensor, len_q: int, len_k: int) -> Optional[torch.Tensor]:
-    """``[batch, heads or 1, len_q, len_k]`` bool (True = attend) or additive float mask -> ``[batch, len_k]`` bool
-    key mask, if the 4-D mask is exactly "bottom-right causal AND key padding"; otherwise ValueError."""
+    """``[batch, heads or 1, len_q, len_k]`` bool (True = attend) or additive float mask -> ``[batch,
+    len_k]`` bool key mask, if the 4-D mask is exactly "bottom-right causal AND key padding"; otherwise
+    ValueError."""
     if mask.dtype == torch.bool:
         allowed = mask
     else:
@@ -91,39 +92,41 @@ def _key_mask_from_4d(mask: torch.Tensor, len_q: int, len_k: int) -> Optional[to
         else:
             allowed = mask > torch.finfo(mask.dtype).min / 2
             if (mask[allowed] != 0).any():
-                raise ValueError("prefix_attn cannot apply an additive attention bias (a float mask with values "
-                                 "other than 0 and -inf)")
+                raise ValueError("prefix_attn cannot apply an additive attention bias (a float mask with "
+                                 "values other than 0 and -inf)")
     if allowed.dim() != 4 or allowed.shape[-2:] != (len_q, len_k):
         raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not match len_q={len_q}, "
                          f"len_k={len_k}")
     if allowed.shape[1] != 1 and not (allowed == allowed[:, :1]).all():
         raise ValueError("prefix_attn takes one key mask for all heads; got a per-head attention mask")
     allowed = allowed[:, 0]
-    keys = allowed[:, -1, :]  # the last query sits at the last position: under causal it sees every unpadded key
+    # the last query sits at the last position: under causal it sees every unpadded key
+    keys = allowed[:, -1, :]
     qpos = torch.arange(len_q, device=mask.device) + (len_k - len_q)
     causal = torch.arange(len_k, device=mask.device)[None, :] <= qpos[:, None]
     if not torch.equal(allowed, causal[None] & keys[:, None, :]):
-        raise ValueError("prefix_attn supports causal attention with a key padding mask only; this mask has another "
-                         "pattern (packed sequences restarting position_ids inside a row, a custom 4-D mask, a "
-                         "sliding window shorter than the sequence, ...)")
+        raise ValueError("prefix_attn supports causal attention with a key padding mask only; this mask has "
+                         "another pattern (packed sequences restarting position_ids inside a row, a custom "
+                         "4-D mask, a sliding window shorter than the sequence, ...)")
     return None if bool(keys.all()) else keys
 
 
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                           mask_function=causal_mask_function, attention_mask=None, **kwargs):
-    """Mask function registered for ``"prefix_attn"``: returns a ``[batch, kv_length]`` bool key mask, or None.
+    """Mask function registered for ``"prefix_attn"``: returns a ``[batch, kv_length]`` bool key mask, or
+    None.
 
-    transformers calls it once per forward with the 2-D padding mask it was given (already bool), the cache sizes
-    and the mask pattern. Plain causal takes a fast path (no ``[len_q, len_k]`` tensor is built); any other pattern
-    is evaluated and accepted only if it is causal + padding in the end (e.g. a sliding window longer than the
-    sequence).
+    transformers calls it once per forward with the 2-D padding mask it was given (already bool), the cache
+    sizes and the mask pattern. Plain causal takes a fast path (no ``[len_q, len_k]`` tensor is built); any
+    other pattern is evaluated and accepted only if it is causal + padding in the end (e.g. a sliding window
+    longer than the sequence).
     """
     q_offset = int(q_offset)
     kv_offset = int(kv_offset)
     if q_offset + q_length != kv_offset + kv_length:
-        raise ValueError(f"prefix_attn needs the queries to be the last keys (a DynamicCache or no cache); got "
-                         f"q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, kv_length={kv_length} "
-                         f"(a StaticCache or another preallocated cache?)")
+        raise ValueError(f"prefix_attn needs the queries to be the last keys (a DynamicCache or no cache); "
+                         f"got q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, "
+                         f"kv_length={kv_length} (a StaticCache or another preallocated cache?)")
     if mask_function is causal_mask_function:
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is None:
@@ -139,17 +142,17 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 
 # ---------------------------------------------------------------------------------------------- attention
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (text only, from
-    the cache when decoding) -> ``([B, Tq, Hq, D], None)``. The prefix of ``module.layer_idx`` is added inside
-    ``prefix_attention``; GQA K/V are passed with their own head count, never repeated."""
+    """transformers attention function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (text only,
+    from the cache when decoding) -> ``([B, Tq, Hq, D], None)``. The prefix of ``module.layer_idx`` is added
+    inside ``prefix_attention``; GQA K/V are passed with their own head count, never repeated."""
     binding = getattr(module, "_prefix_attn_binding", None)
     if binding is None:
-        raise RuntimeError(f"{type(module).__name__} runs attn_implementation='{ATTN_IMPLEMENTATION}' but has no "
-                           f"prefix; call prefix_attn.enable(model, prefix)")
+        raise RuntimeError(f"{type(module).__name__} runs attn_implementation='{ATTN_IMPLEMENTATION}' but "
+                           f"has no prefix; call prefix_attn.enable(model, prefix)")
     if dropout and dropout > 0 and not binding.ignore_attention_dropout:
         raise NotImplementedError(
-            f"prefix_attn has no attention dropout, but {type(module).__name__} asks for dropout={dropout} in "
-            f"training mode. Build the model with attention dropout 0 (GPT-2: attn_pdrop=0.0, Llama: "
+            f"prefix_attn has no attention dropout, but {type(module).__name__} asks for dropout={dropout} "
+            f"in training mode. Build the model with attention dropout 0 (GPT-2: attn_pdrop=0.0, Llama: "
             f"attention_dropout=0.0), or pass ignore_attention_dropout=True to prefix_attn.enable to train "
             f"without it (other dropouts are unaffected); eval mode is never affected.")
     if not getattr(module, "is_causal", True):
@@ -162,7 +165,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     window = kwargs.get("sliding_window")
     if window is not None and binding.num_virtual_tokens + len_k > window:
         raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys "
-                                  f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding window")
+                                  f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
+                                  "window")
     mask = attention_mask
     if mask is not None:
         if mask.dim() == 4:
@@ -182,7 +186,8 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
 
 
-# ---------------------------------------------------------------------------------------------- enable / disable
+# ---------------------------------------------------------------------------------------------- enable /
+# disable
 def _attention_modules(model):
     mods = []
     for name, m in model.named_modules():
@@ -214,7 +219,8 @@ def _decoder_pre_hook(binding: _Binding):
             past = cache.get_seq_length() if cache is not None else 0
             # what the stock model does when position_ids is None, before PEFT's cache holds the prefix
             position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past).unsqueeze(0)
-        # PEFT: the prefix occupies positions 0..P-1, so the text is shifted by P (given or default position_ids)
+        # PEFT: the prefix occupies positions 0..P-1, so the text is shifted by P (given or default
+        # position_ids)
         kwargs["position_ids"] = position_ids + binding.num_virtual_tokens
         binding.kv = binding.prefix.key_value()  # once per forward, outside any checkpointed layer
         return args, kwargs
@@ -230,9 +236,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     """Run ``model``'s attention through ``prefix_attention`` with ``prefix``; returns the same model object.
 
     Args:
-        model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models, ...)
-        prefix:  a :class:`PrefixTuning` of the model's shape (refused otherwise); moved to the model's device,
-                 dtype kept (cast to the activations' dtype inside attention)
+        model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models,
+        ...) prefix:  a :class:`PrefixTuning` of the model's shape (refused otherwise); moved to the model's
+                 device, dtype kept (cast to the activations' dtype inside attention)
         freeze_model: set ``requires_grad=False`` on every model weight (restored by ``disable``), so only the
                  prefix trains
         ignore_attention_dropout: train without attention dropout instead of refusing (see the error message)
@@ -254,8 +260,8 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     for m in modules:  # the config can say one thing and the weights another
         kv_out = _kv_out_features(m)
         if kv_out is not None and kv_out != shape.num_kv_heads * shape.head_dim:
-            raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the prefix "
-                             f"has {PrefixShape.describe(prefix.shape)}")
+            raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
+                             f"prefix has {PrefixShape.describe(prefix.shape)}")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
 
@@ -306,8 +312,9 @@ def _restore(model, binding: _Binding) -> None:
 
 
 def disable(model):
-    """Undo :func:`enable`: the previous attention implementation, the model's ``requires_grad`` flags, no hook
-    and no prefix reference left on the model. Returns the model; a no-op on a model that is not enabled."""
+    """Undo :func:`enable`: the previous attention implementation, the model's ``requires_grad`` flags, no
+    hook and no prefix reference left on the model. Returns the model; a no-op on a model that is not
+    enabled."""
     binding = getattr(model, "_prefix_attn_binding", None)
     if binding is None:
         return model

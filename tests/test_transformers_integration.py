@@ -211,6 +211,15 @@ def test_generate_sampling_matches_peft():
     assert torch.equal(a, b)
 
 
+def test_generate_beam_search_matches_peft():
+    peft_model, ours, _ = peft_and_ours("llama")
+    ids, mask = left_padded_prompts()
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    a = peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
+    b = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_padding_reaches_attention(kind):
     _, ours, _ = peft_and_ours(kind)

@@ -197,7 +197,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.T
 
 @_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # the CPU kernel keeps lse in float64 for float64 inputs (gradcheck precision); float32 everywhere else
+    lse_dtype = torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("prefix_attn::bwd", mutates_args=())

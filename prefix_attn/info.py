@@ -22,6 +22,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"CUDA GPU: {gpu}")
     for name, reason in available_backends().items():
+        if name == "cpu" and reason == "ok":
+            from . import cpu
+
+            reason = f"ok ({cpu.source()})"
         print(f"  backend {name:7s} {reason}")
 
 

@@ -75,7 +75,7 @@ def _prefix_attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit row offsets: tensors may exceed 2**31 elements
     h = pid_bh % H
     hk = h // GROUP
     DIAG = Tk - Tq
@@ -140,7 +140,7 @@ def _prefix_attn_bwd_preprocess_kernel(
     """delta[b, h, i] = sum_d dO * O, in float32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit row offsets: tensors may exceed 2**31 elements
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -204,7 +204,7 @@ def _prefix_attn_bwd_dkdv_kernel(
     DK and DV are written with the same strides (both allocated contiguous)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
+    b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -264,7 +264,7 @@ def _prefix_attn_bwd_dprefix_kernel(
     u_lo = split * UNITS_PER_SPLIT
     u_hi = tl.minimum(UNITS, u_lo + UNITS_PER_SPLIT)
     for u in range(u_lo, u_hi):
-        b = u // (GROUP * num_m)
+        b = (u // (GROUP * num_m)).to(tl.int64)
         rem = u % (GROUP * num_m)
         h = hk * GROUP + rem // num_m
         start_m = (rem % num_m) * BLOCK_M
@@ -312,7 +312,7 @@ def _prefix_attn_bwd_dq_kernel(
     """dQ: one program per (query block, b * Hq), over the prefix blocks then the visible text blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit row offsets: tensors may exceed 2**31 elements
     h = pid_bh % H
     hk = h // GROUP
     DIAG = Tk - Tq

@@ -10,6 +10,7 @@ allocated contiguous. ``lse`` is float32 [B, Hq, Tq], natural log, +inf for a qu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -57,23 +58,29 @@ def _precision(dtype: torch.dtype) -> str:
 def _fwd_blocks(block_d: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(16, 16, 4, 1)  # small tiles: the CPU interpreter walks every block, odd shapes hit edges
-    wide = dtype in (torch.float32, torch.float64)
+    if dtype in (torch.float32, torch.float64):
+        # ieee float32 dots run on FMA with both operands in registers: larger tiles spilled several KB per
+        # thread when compiled for sm_90 (ptxas report), so float32 keeps small tiles
+        if block_d <= 64:
+            return _Blocks(32, 32, 4, 1)
+        return _Blocks(16, 32, 4, 1) if block_d <= 128 else _Blocks(16, 16, 4, 1)
     if block_d <= 64:
-        return _Blocks(64 if wide else 128, 64, 4, 3)
+        return _Blocks(128, 64, 4, 3)
     if block_d <= 128:
-        return _Blocks(64, 32, 4, 2) if wide else _Blocks(128, 64, 8, 3)
-    return _Blocks(32, 32, 4, 1) if wide else _Blocks(64, 32, 4, 2)
+        return _Blocks(128, 64, 8, 3)
+    return _Blocks(64, 32, 4, 2)
 
 
 def _bwd_blocks(block_d: int, dtype: torch.dtype) -> _Blocks:
     """(BLOCK_M, BLOCK_N) for the dK/dV kernels; the dQ kernel uses them swapped."""
     if _interpreting():
         return _Blocks(16, 16, 4, 1)
-    wide = dtype in (torch.float32, torch.float64)
+    if dtype in (torch.float32, torch.float64):
+        return _Blocks(16, 32, 4, 1) if block_d <= 64 else _Blocks(16, 16, 4, 1)
     if block_d <= 64:
         return _Blocks(32, 64, 4, 2)
     if block_d <= 128:
-        return _Blocks(16, 32, 4, 1) if wide else _Blocks(32, 64, 8, 2)
+        return _Blocks(32, 64, 8, 2)
     return _Blocks(16, 32, 4, 1)
 
 
@@ -96,7 +103,24 @@ def _check_grid(batch: int, heads: int) -> None:
                          f"split the batch")
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it q's (models sharded over several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float):
+    with _on_device(q):
+        return _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale)
+
+
+def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
+                    softmax_scale: float, need_dq: bool = True, need_dkv: bool = True, need_dprefix: bool = True):
+    with _on_device(q):
+        return _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+                    need_dq, need_dkv, need_dprefix)
+
+
+def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     num_prefix = prefix_k.shape[1]
@@ -126,8 +150,8 @@ def _prefix_splits(units: int, programs_per_split: int, device: torch.device) ->
     return max(1, min(units, math.ceil(target / max(1, programs_per_split))))
 
 
-def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
-                    softmax_scale: float, need_dq: bool = True, need_dkv: bool = True, need_dprefix: bool = True):
+def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, need_dq, need_dkv,
+         need_dprefix):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     num_prefix = prefix_k.shape[1]

@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "setuptools>=64" wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" pybind11 ninja
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -37,13 +37,12 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from prefix_attn import prefix_attention, prefix_attention_reference  # noqa: E402
+from prefix_attn.demo import expand_concat_sdpa  # noqa: E402
 from prefix_attn.reference import attention_flops  # noqa: E402
 
 CONFIGS = [  # (batch, heads, len, head_dim, num_prefix)
@@ -65,12 +64,7 @@ def run_cpu(q, k, v, pk, pv):
     return prefix_attention(q, k, v, pk, pv, causal=True, backend="cpu")
 
 
-def run_sdpa(q, k, v, pk, pv):
-    B, T, P = q.shape[0], q.shape[2], pk.shape[1]
-    keys = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-    values = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, P + T))
-
+run_sdpa = expand_concat_sdpa  # expand + concat + SDPA(attn_mask=causal_lower_right(T, P + T))
 
 VARIANTS = {"cpu": run_cpu, "sdpa": run_sdpa}
 

@@ -89,7 +89,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-
 def _mask_args(attention_mask: Optional[torch.Tensor], fallback: torch.Tensor):
     if attention_mask is None:
         return fallback, (0, 0), False

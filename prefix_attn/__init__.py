@@ -19,12 +19,14 @@ __all__ = [
     "PrefixTuning",
     "enable",
     "disable",
+    "load_pretrained",
 ]
 
 _LAZY = {
     "PrefixTuning": ("prefix_attn.prefix", "PrefixTuning"),
     "enable": ("prefix_attn.integrations.transformers", "enable"),
     "disable": ("prefix_attn.integrations.transformers", "disable"),
+    "load_pretrained": ("prefix_attn.integrations.transformers", "load_pretrained"),
 }
 
 

@@ -89,7 +89,8 @@ def test_forward_backward_match_peft(kind):
     b.loss.backward()
     expected = peft_prefix_grad(peft_model, prefix)
     torch.testing.assert_close(prefix.prefix_kv.grad, expected, atol=1e-6, rtol=1e-4)
-    assert all(p.grad is None for p in ours.parameters()), "model weights must stay frozen"
+    frozen = [p for n, p in ours.named_parameters() if not n.startswith("prefix_attn.")]
+    assert all(p.grad is None and not p.requires_grad for p in frozen), "model weights must stay frozen"
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -261,15 +262,18 @@ def test_disable_restores_stock_model(kind):
     prefix = PrefixTuning(model.config, P, init="normal", init_std=0.5)
     assert prefix_attn.enable(model, prefix) is model
     assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
-    assert set(model.state_dict()) == keys, "the prefix must not leak into the model's state_dict"
-    assert not any(p.requires_grad for p in model.parameters())
+    assert set(model.state_dict()) == keys | {"prefix_attn.prefix_kv"}, "the prefix is namespaced"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_attn.prefix_kv"]
     with torch.no_grad():
         during = model(input_ids=ids, attention_mask=mask).logits
     assert (during - before).abs().max() > 1e-3
     assert prefix_attn.disable(model) is model
     assert model.config._attn_implementation == impl
     assert all(p.requires_grad for p in model.parameters())
+    assert set(model.state_dict()) == keys and not hasattr(model, "prefix_attn")
+    assert "save_pretrained" not in vars(model)
     assert not hf.is_enabled(model) and not any(hasattr(m, "_prefix_attn_binding") for m in model.modules())
+    assert not model.base_model._forward_pre_hooks and not model.base_model._forward_hooks
     with torch.no_grad():
         after = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)

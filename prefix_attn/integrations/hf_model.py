@@ -1,0 +1,346 @@
+"""``enable`` / ``disable``: make a :class:`~prefix_attn.PrefixTuning` part of a stock transformers decoder.
+
+After ``enable(model, prefix)``:
+
+* ``model.prefix_attn`` **is** the prefix, a registered submodule: ``model.parameters()`` yields its parameters
+  (the only trainable ones with ``freeze_model=True``), ``model.to()``, ``model.zero_grad()``, gradient
+  clipping, ``DistributedDataParallel``, accelerate and ``transformers.Trainer`` see it like any other weight,
+  and ``model.state_dict()`` carries it under ``prefix_attn.*`` keys (``prefix_attn.prefix_kv``, or
+  ``prefix_attn.embedding.weight`` / ``prefix_attn.transform.{0,2}.{weight,bias}`` with ``projection=True``).
+* the model runs attention through ``attn_implementation="prefix_attn"`` (see ``transformers.py`` here);
+* two hooks on the decoder (``model.base_model``): before its forward, ``position_ids`` are shifted by ``P`` as
+  PEFT does and the prefix K/V of all layers is computed once (one MLP evaluation in projection mode); after
+  it (also when it raises), that K/V is dropped. It is never state that outlives the forward: a deep copy or a
+  pickle of the model at any time carries the prefix parameters only;
+* ``model.save_pretrained(path)`` writes the stock checkpoint (``config.json`` has the stock attention
+  implementation) whose ``model.safetensors`` also holds the ``prefix_attn.*`` tensors (so Trainer's
+  ``resume_from_checkpoint`` restores the prefix), plus the prefix alone in ``path/prefix.safetensors``
+  (:meth:`PrefixTuning.save` format). :func:`load_pretrained` restores both.
+
+Everything ``enable`` attaches is a plain Python object, a bound method or a registered module, so the model
+stays picklable and deep-copyable; ``disable`` removes all of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
+
+SUBMODULE = "prefix_attn"
+PREFIX_FILENAME = "prefix.safetensors"
+_PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
+                    "CPT")
+
+
+class _Binding:
+    """Settings of one ``enable`` call, set on the model and on each attention layer.
+
+    A plain object on purpose (not a Module): the prefix is registered once, as ``model.prefix_attn``; this
+    only points at it. ``kv`` (``[L, 2, Hkv, P, D]``) is held while the decoder's forward runs. After it, in
+    projection mode with autograd on, only a weak reference to the graph node that saved it is kept (valid
+    while that graph is alive and the prefix parameters are unchanged), so activation checkpointing recomputes
+    a layer with the very K/V its forward used: a second MLP evaluation inside the recomputed region would not
+    match the saved graph. Neither is ever pickled or deep-copied.
+    """
+
+    def __init__(self, prefix: PrefixTuning, previous_attn, unfrozen: List[str], ignore_attention_dropout: bool):
+        self.prefix = prefix
+        self.previous_attn = previous_attn
+        self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
+        self.ignore_attention_dropout = ignore_attention_dropout
+        self.kv: Optional[torch.Tensor] = None
+        self.kv_after = None  # (weakref to the last forward's kv, parameter versions when it was computed)
+        self.depth = 0  # nested decoder forwards
+        self.handles = []
+        self.attention_modules = []
+
+    def __getstate__(self) -> Dict:
+        state = self.__dict__.copy()
+        state["kv"] = state["kv_after"] = None
+        state["depth"] = 0
+        return state
+
+    def _versions(self):
+        return tuple(p._version for p in self.prefix.parameters())
+
+    def begin_forward(self) -> None:
+        if self.depth == 0:
+            kv = self.prefix.key_value()
+            self.kv_after = None
+            if kv.grad_fn is not None and not torch.compiler.is_compiling():
+                kv = _HoldForBackward.apply(kv)
+                self.kv_after = (weakref.ref(kv.grad_fn), self._versions())
+            self.kv = kv
+        self.depth += 1
+
+    def end_forward(self) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self.kv = None
+
+    def _kv_of_graph(self) -> Optional[torch.Tensor]:
+        """The K/V the last forward computed, while its graph holds it and the parameters are unchanged."""
+        if self.kv_after is None:
+            return None
+        ref, versions = self.kv_after
+        node = ref()
+        if node is None or versions != self._versions():
+            return None
+        try:
+            return node.saved_tensors[0]
+        except RuntimeError:  # the graph was freed by backward
+            return None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prefix.num_virtual_tokens
+
+    def key_value(self, layer_idx: int):
+        """``([Hkv, P, D], [Hkv, P, D])`` of one layer: the K/V of the running forward, or computed now (an
+        attention layer called on its own, or recomputed by activation checkpointing after the forward)."""
+        kv = self.kv if self.kv is not None else self._kv_of_graph()
+        if kv is None:
+            kv = self.prefix.key_value()
+        kv = kv[layer_idx]
+        return kv[0], kv[1]
+
+
+class _HoldForBackward(torch.autograd.Function):
+    """Identity that keeps its input alive for as long as the graph that used it (see ``_Binding``)."""
+
+    @staticmethod
+    def forward(ctx, kv):
+        ctx.save_for_backward(kv)
+        return kv.view_as(kv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+_SIGNATURES: Dict[type, List[str]] = {}
+
+
+class _DecoderHooks:
+    """Forward pre-hook and post-hook of the decoder; a module-level class so the model pickles."""
+
+    def __init__(self, binding: _Binding):
+        self.binding = binding
+
+    def before(self, module, args, kwargs):
+        if args:  # bind positionals by name so position_ids can be read and replaced
+            names = _SIGNATURES.get(type(module))
+            if names is None:
+                names = _SIGNATURES.setdefault(type(module), list(inspect.signature(module.forward).parameters))
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            args = ()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            tokens = kwargs.get("input_ids")
+            if tokens is None:
+                tokens = kwargs.get("inputs_embeds")
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            # what the stock model does when position_ids is None, before PEFT's cache holds the prefix
+            position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past).unsqueeze(0)
+        # PEFT: the prefix occupies positions 0..P-1, so the text is shifted by P (given or default position_ids)
+        kwargs["position_ids"] = position_ids + self.binding.num_virtual_tokens
+        self.binding.begin_forward()  # once per forward, outside any checkpointed layer
+        return args, kwargs
+
+    def after(self, module, args, output):
+        self.binding.end_forward()
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def attention_modules(model) -> list:
+    mods = []
+    for name, m in model.named_modules():
+        if not type(m).__name__.endswith("Attention") or not isinstance(getattr(m, "layer_idx", None), int):
+            continue
+        if getattr(m, "is_cross_attention", False):
+            raise NotImplementedError(f"{name}: cross-attention layers are not supported by prefix_attn")
+        mods.append(m)
+    return mods
+
+
+def _kv_out_features(module) -> Optional[int]:
+    k_proj = getattr(module, "k_proj", None)
+    if k_proj is not None and hasattr(k_proj, "out_features"):
+        return k_proj.out_features
+    c_attn = getattr(module, "c_attn", None)  # GPT-2: fused q|k|v Conv1D
+    if c_attn is not None and hasattr(c_attn, "nf"):
+        return c_attn.nf // 3
+    return None
+
+
+def _refuse_peft(model) -> None:
+    """A PEFT-wrapped model already applies its own prompt (or would be bypassed): refuse, naming from_peft."""
+    peft_config = getattr(model, "peft_config", None)
+    is_peft_model = type(model).__module__.startswith("peft.") or peft_config is not None
+    if not is_peft_model:
+        return
+    kinds = set()
+    if isinstance(peft_config, dict):
+        for cfg in peft_config.values():
+            kind = getattr(cfg, "peft_type", None)
+            kinds.add(str(getattr(kind, "value", kind)))
+    prompt = sorted(k for k in kinds if k in _PROMPT_LEARNING)
+    if prompt:
+        raise ValueError(
+            f"this model already carries a PEFT {'/'.join(prompt)} adapter: enabling prefix_attn on it would "
+            f"apply a prompt twice. Convert it instead: prefix = prefix_attn.PrefixTuning.from_peft(peft_model); "
+            f"model = peft_model.get_base_model(); prefix_attn.enable(model, prefix)")
+    raise ValueError(
+        f"prefix_attn.enable takes a transformers model, not a PEFT wrapper ({type(model).__name__}); pass "
+        f"peft_model.get_base_model() (its injected layers, e.g. LoRA, stay in place; use freeze_model=False "
+        f"to keep them trainable)")
+
+
+def is_enabled(model) -> bool:
+    return getattr(model, "_prefix_attn_binding", None) is not None
+
+
+# ---------------------------------------------------------------------------------------------- enable
+def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False):
+    """Run ``model``'s attention through ``prefix_attention`` with ``prefix``; returns the same model object.
+
+    Args:
+        model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models,
+                 ...), not a PEFT wrapper
+        prefix:  a :class:`PrefixTuning` of the model's shape (refused otherwise); registered as
+                 ``model.prefix_attn`` and moved to the model's device (its dtype is kept: it is cast to the
+                 activations' dtype inside attention)
+        freeze_model: ``requires_grad=False`` on every model weight (restored by ``disable``), so the prefix is
+                 the only trainable part: an optimizer over ``model.parameters()`` trains exactly the prefix
+        ignore_attention_dropout: train without attention dropout instead of refusing (see the error message)
+
+    Calling ``enable`` on an enabled model replaces its prefix.
+    """
+    from . import transformers as hf
+
+    if not isinstance(prefix, PrefixTuning):
+        raise TypeError(f"prefix must be a prefix_attn.PrefixTuning, got {type(prefix).__name__}")
+    _refuse_peft(model)
+    if is_enabled(model):
+        disable(model)
+    if hasattr(model, SUBMODULE):
+        raise ValueError(f"{type(model).__name__} already has an attribute {SUBMODULE!r}; prefix_attn registers "
+                         f"the prefix under that name")
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    config = model.config
+    prefix.check_compatible(config)
+    modules = attention_modules(model)
+    shape = prefix_shape_from_config(config)
+    found = sorted(m.layer_idx for m in modules)
+    if found != list(range(shape.num_layers)):
+        raise ValueError(f"expected one attention layer per index 0..{shape.num_layers - 1} in "
+                         f"{type(model).__name__}, found layer_idx {found}")
+    for m in modules:  # the config can say one thing and the weights another
+        kv_out = _kv_out_features(m)
+        if kv_out is not None and kv_out != shape.num_kv_heads * shape.head_dim:
+            raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
+                             f"prefix has {PrefixShape.describe(prefix.shape)}")
+
+    hf.register()
+    device = next(iter(model.parameters()), prefix.key_value()).device
+    if any(p.device != device for p in prefix.parameters()):
+        prefix.to(device)
+    previous = config._attn_implementation
+    unfrozen = []
+    if freeze_model:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                unfrozen.append(name)
+                p.requires_grad_(False)
+    binding = _Binding(prefix, previous, unfrozen, ignore_attention_dropout)
+    model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
+    if config._attn_implementation != hf.ATTN_IMPLEMENTATION:
+        _restore(model, binding)
+        raise RuntimeError(f"{type(model).__name__} refused attn_implementation='{hf.ATTN_IMPLEMENTATION}' "
+                           f"(its attention does not go through transformers' AttentionInterface)")
+    model.add_module(SUBMODULE, prefix)
+    for m in modules:
+        m._prefix_attn_binding = binding
+    binding.attention_modules = modules
+    hooks = _DecoderHooks(binding)
+    decoder = model.base_model
+    binding.handles = [decoder.register_forward_pre_hook(hooks.before, with_kwargs=True),
+                       decoder.register_forward_hook(hooks.after, always_call=True)]
+    model._prefix_attn_binding = binding
+    model.save_pretrained = functools.partial(save_pretrained, model)
+    return model
+
+
+def _restore(model, binding: _Binding) -> None:
+    params = dict(model.named_parameters())
+    for name in binding.unfrozen:
+        if name in params:
+            params[name].requires_grad_(True)
+    binding.unfrozen = []
+    if model.config._attn_implementation != binding.previous_attn:
+        model.set_attn_implementation(binding.previous_attn)
+
+
+def disable(model):
+    """Undo :func:`enable`: the previous attention implementation, the model's ``requires_grad`` flags, no
+    hooks, no ``prefix_attn`` submodule and no prefix reference left on the model. Returns the model; a no-op
+    on a model that is not enabled. The prefix module itself is untouched (keep a reference to reuse it)."""
+    binding = getattr(model, "_prefix_attn_binding", None)
+    if binding is None:
+        return model
+    for handle in binding.handles:
+        handle.remove()
+    binding.handles = []
+    for m in binding.attention_modules:
+        if getattr(m, "_prefix_attn_binding", None) is binding:
+            del m._prefix_attn_binding
+    if getattr(model, SUBMODULE, None) is binding.prefix:
+        delattr(model, SUBMODULE)
+    model.__dict__.pop("save_pretrained", None)
+    del model._prefix_attn_binding
+    _restore(model, binding)
+    binding.kv = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_pretrained(model, save_directory, *args, is_main_process: bool = True, **kwargs):
+    """``model.save_pretrained`` of an enabled model: the stock checkpoint (whose weights include the
+    ``prefix_attn.*`` tensors, so ``Trainer`` resumes the prefix) and ``prefix.safetensors`` beside it."""
+    result = type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process, **kwargs)
+    if is_main_process:
+        binding = model._prefix_attn_binding
+        binding.prefix.save(os.path.join(os.fspath(save_directory), PREFIX_FILENAME))
+    return result
+
+
+def load_pretrained(path, model_class=None, *, prefix_device=None, freeze_model: bool = True,
+                    ignore_attention_dropout: bool = False, **from_pretrained_kwargs):
+    """Load a checkpoint written by ``save_pretrained`` of an enabled model (or by ``Trainer``) and enable
+    its prefix: ``model_class.from_pretrained(path, **from_pretrained_kwargs)`` (default
+    ``transformers.AutoModelForCausalLM``) + ``PrefixTuning.load(path/prefix.safetensors)`` + :func:`enable`.
+
+    transformers' load report lists the ``prefix_attn.*`` keys of ``model.safetensors`` as UNEXPECTED: the
+    stock class has no prefix; this function restores it from ``prefix.safetensors``.
+    """
+    if model_class is None:
+        import transformers
+
+        model_class = transformers.AutoModelForCausalLM
+    prefix_file = os.path.join(os.fspath(path), PREFIX_FILENAME)
+    if not os.path.isfile(prefix_file):
+        raise FileNotFoundError(f"{prefix_file} not found: {path} was not saved from a prefix_attn-enabled model")
+    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    device = next(iter(model.parameters())).device
+    prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
+    return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout)

@@ -54,35 +54,45 @@ ATTN_IMPLEMENTATION = "prefix_attn"
 
 
 # ---------------------------------------------------------------------------------------------- masks
+def _require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the bool tensor ``ok`` is True. Traced (torch.compile): no
+    data-dependent Python branch, a runtime assert inside the graph instead."""
+    if is_tracing(ok):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
 def _key_mask_from_4d(mask: torch.Tensor, len_q: int, len_k: int) -> Optional[torch.Tensor]:
     """``[batch, heads or 1, len_q, len_k]`` bool (True = attend) or additive float mask -> ``[batch,
     len_k]`` bool key mask, if the 4-D mask is exactly "bottom-right causal AND key padding"; otherwise
     ValueError."""
     if mask.dtype == torch.bool:
         allowed = mask
+    elif not mask.dtype.is_floating_point:
+        allowed = mask != 0
     else:
-        if not mask.dtype.is_floating_point:
-            allowed = mask != 0
-        else:
-            allowed = mask > torch.finfo(mask.dtype).min / 2
-            if (mask[allowed] != 0).any():
-                raise ValueError("prefix_attn cannot apply an additive attention bias (a float mask with "
-                                 "values other than 0 and -inf)")
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+        _require(~(allowed & (mask != 0)).any(), "prefix_attn cannot apply an additive attention bias (a float "
+                 "mask with values other than 0 and -inf)")
     if allowed.dim() != 4 or allowed.shape[-2:] != (len_q, len_k):
         raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not match len_q={len_q}, "
                          f"len_k={len_k}")
-    if allowed.shape[1] != 1 and not (allowed == allowed[:, :1]).all():
-        raise ValueError("prefix_attn takes one key mask for all heads; got a per-head attention mask")
+    if allowed.shape[1] != 1:
+        _require((allowed == allowed[:, :1]).all(), "prefix_attn takes one key mask for all heads; got a "
+                 "per-head attention mask")
     allowed = allowed[:, 0]
     # the last query sits at the last position: under causal it sees every unpadded key
     keys = allowed[:, -1, :]
     qpos = torch.arange(len_q, device=mask.device) + (len_k - len_q)
     causal = torch.arange(len_k, device=mask.device)[None, :] <= qpos[:, None]
-    if not torch.equal(allowed, causal[None] & keys[:, None, :]):
-        raise ValueError("prefix_attn supports causal attention with a key padding mask only; this mask has "
-                         "another pattern (packed sequences restarting position_ids inside a row, a custom "
-                         "4-D mask, a sliding window shorter than the sequence, ...)")
-    return None if bool(keys.all()) else keys
+    _require((allowed == (causal[None] & keys[:, None, :])).all(),
+             "prefix_attn supports causal attention with a key padding mask only; this mask has another pattern "
+             "(packed sequences restarting position_ids inside a row, a custom 4-D mask, a sliding window shorter "
+             "than the sequence, ...)")
+    if not is_tracing(keys) and bool(keys.all()):
+        return None
+    return keys
 
 
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,

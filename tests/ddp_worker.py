@@ -1,7 +1,8 @@
-"""Two-process DistributedDataParallel (gloo, 127.0.0.1) on an enabled tiny GPT-2, for test_hf_training.py.
+"""Two processes (gloo, 127.0.0.1) training an enabled tiny GPT-2 under DistributedDataParallel or FSDP2
+(``fully_shard`` per block and at the root), for test_hf_training.py.
 
-Each rank runs one forward/backward on its half of a batch; DDP averages the prefix gradient over the ranks,
-which equals the gradient of the whole batch in one process (equal token counts per rank).
+Each rank runs one forward/backward on its half of a batch; DDP / FSDP average the prefix gradient over the
+ranks, which equals the gradient of the whole batch in one process (equal token counts per rank).
 """
 
 import os
@@ -46,17 +47,26 @@ def single_process_grad() -> torch.Tensor:
     return model.prefix_attn.prefix_kv.grad.clone()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model = _model()
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if mode == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.transformer.h:
+                fully_shard(block)
+            wrapped = fully_shard(model)
         ids, mask, labels = (t.chunk(WORLD)[rank] for t in _batch())
-        ddp(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        wrapped(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grad = model.prefix_attn.prefix_kv.grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP2: a sharded DTensor
         if rank == 0:
-            torch.save({"grad": model.prefix_attn.prefix_kv.grad.clone(), "trainable": trainable}, out)
+            torch.save({"grad": grad.clone(), "trainable": trainable}, out)
     finally:
         dist.destroy_process_group()
 
@@ -67,9 +77,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(out: str, timeout: float = 240.0) -> None:
-    """Spawn the two ranks and wait at most ``timeout`` seconds; raise if either fails."""
-    ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
+def run_two_ranks(out: str, mode: str = "ddp", timeout: float = 240.0) -> None:
+    """Spawn the two ranks (``mode`` "ddp" or "fsdp2") and wait at most ``timeout`` seconds; raise if either
+    fails."""
+    ctx = mp.start_processes(_worker, args=(_free_port(), out, mode), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:

@@ -302,11 +302,12 @@ def test_compile_fullgraph_forward_backward(kind, padded):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_ddp_gloo_two_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_gloo_two_processes_equals_one_process(tmp_path, mode):
     from ddp_worker import run_two_ranks, single_process_grad
 
     out = tmp_path / "rank0.pt"
-    run_two_ranks(str(out), timeout=240)
+    run_two_ranks(str(out), mode, timeout=240)
     got = torch.load(out)
     torch.testing.assert_close(got["grad"], single_process_grad(), atol=1e-6, rtol=1e-5)
     assert got["trainable"] == ["prefix_attn.prefix_kv"]

@@ -132,7 +132,7 @@ def main():
     prefix_attn.enable(model, prefix)
     model.train()
     trainable = sum(p.numel() for p in prefix.parameters())
-    frozen = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("prefix_attn."))
     print(f"prefix: {prefix}; {trainable} trainable parameters, model ({frozen}) frozen")
     lr = args.lr or (1e-3 if args.projection else 3e-2)
     losses = train(model, prefix.parameters(), lambda: sequences(32, 12, [RULES[args.rule]], gen),

@@ -14,10 +14,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from test_transformers_integration import VOCAB, P, padded_batch, tiny_model  # noqa: E402
+
 import prefix_attn  # noqa: E402
 from prefix_attn import PrefixTuning  # noqa: E402
-
-from test_transformers_integration import P, VOCAB, padded_batch, tiny_model  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)

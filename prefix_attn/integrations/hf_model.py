@@ -35,6 +35,7 @@ from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
 
 SUBMODULE = "prefix_attn"
 PREFIX_FILENAME = "prefix.safetensors"
+_MISSING = object()
 _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
                     "CPT")
 
@@ -330,17 +331,31 @@ def load_pretrained(path, model_class=None, *, prefix_device=None, freeze_model:
     its prefix: ``model_class.from_pretrained(path, **from_pretrained_kwargs)`` (default
     ``transformers.AutoModelForCausalLM``) + ``PrefixTuning.load(path/prefix.safetensors)`` + :func:`enable`.
 
-    transformers' load report lists the ``prefix_attn.*`` keys of ``model.safetensors`` as UNEXPECTED: the
-    stock class has no prefix; this function restores it from ``prefix.safetensors``.
+    A stock ``from_pretrained`` of such a checkpoint lists the ``prefix_attn.*`` keys as UNEXPECTED in its load
+    report (the stock class has no prefix); this function expects them and restores the prefix.
     """
-    if model_class is None:
-        import transformers
+    import transformers
 
+    if model_class is None:
         model_class = transformers.AutoModelForCausalLM
     prefix_file = os.path.join(os.fspath(path), PREFIX_FILENAME)
     if not os.path.isfile(prefix_file):
         raise FileNotFoundError(f"{prefix_file} not found: {path} was not saved from a prefix_attn-enabled model")
-    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    concrete = model_class
+    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: the class it will build
+    if mapping is not None:
+        config = from_pretrained_kwargs.get("config") or transformers.AutoConfig.from_pretrained(path)
+        concrete = mapping[type(config)]
+    own = concrete.__dict__.get("_keys_to_ignore_on_load_unexpected", _MISSING)
+    concrete._keys_to_ignore_on_load_unexpected = list(getattr(concrete, "_keys_to_ignore_on_load_unexpected",
+                                                                None) or []) + [rf"^{SUBMODULE}\."]
+    try:
+        model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    finally:
+        if own is _MISSING:
+            del concrete._keys_to_ignore_on_load_unexpected
+        else:
+            concrete._keys_to_ignore_on_load_unexpected = own
     device = next(iter(model.parameters())).device
     prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
     return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout)

@@ -5,6 +5,7 @@ torch.compile traces it. Tiny random GPT-2 / Llama on the CPU, float32."""
 import copy
 import io
 import json
+import os
 import pickle
 import warnings
 
@@ -254,6 +255,18 @@ def test_trainer_resume_is_bitwise(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert trainer.state.global_step == 6
     assert torch.equal(prefix.prefix_kv.detach(), straight)
+
+
+def test_trainer_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_prefix_trainer.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--pretrain-steps", "30", "--steps", "20"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bitwise equal to the straight run" in run.stdout
+    assert (tmp_path / "final" / "prefix.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- compile

@@ -85,12 +85,16 @@ def main(argv=None) -> int:
             k, v = torch.empty(B, Hkv, Tk, head_dim, dtype=dtype), torch.empty(B, Hkv, Tk, head_dim, dtype=dtype)
             pk, pv = torch.empty(Hkv, P, head_dim, dtype=dtype), torch.empty(Hkv, P, head_dim, dtype=dtype)
             mask = torch.ones(B, Tk, dtype=torch.bool)
-            try:
-                out, lse = launch.prefix_attn_fwd(q, k, v, pk, pv, mask, True, head_dim**-0.5)
-                launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, pk, pv, mask, out, lse, True, head_dim**-0.5)
-            except Exception as exc:  # noqa: BLE001 - report every failing configuration
-                failures += 1
-                print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
+            for softcap in (0.0, 30.0):  # the plain kernels and the SOFTCAP=True specialisation
+                if softcap:
+                    print(f"  softcap={softcap}")
+                try:
+                    out, lse = launch.prefix_attn_fwd(q, k, v, pk, pv, mask, True, head_dim**-0.5, softcap)
+                    launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, pk, pv, mask, out, lse, True,
+                                           head_dim**-0.5, softcap)
+                except Exception as exc:  # noqa: BLE001 - report every failing configuration
+                    failures += 1
+                    print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
     spills = [r for r in rows if "STACK:0 " not in r[4] + " "]
     print(f"\n{len(rows)} kernels compiled for sm_{args.arch} with triton {triton.__version__}, {failures} failed; "
           f"max shared memory {max((r[3] for r in rows), default=0)} B; {len(spills)} with a stack frame (spills)")

@@ -9,11 +9,12 @@ Name chain::
 
 Every backend module exposes the same two launchers::
 
-    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale) -> (out, lse)
-    prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap) -> (out, lse)
+    prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix) -> (dq, dk, dv, dprefix_k, dprefix_v)
 
-with ``attention_mask`` either None or a bool ``[batch, len_k]`` tensor, ``softmax_scale`` a float, ``lse``
+with ``attention_mask`` either None or a bool ``[batch, len_k]`` tensor, ``softmax_scale`` a float, ``softcap``
+a float (0 = no capping, the plain code path; else scores ``s -> softcap * tanh(s / softcap)``), ``lse``
 a float32 ``[batch, heads_q, len_q]`` natural-log log-sum-exp (+inf where a query sees no key), and
 gradients the unneeded ones of which may be None.
 """
@@ -40,7 +41,7 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale) -> None:
+def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0) -> None:
     """Raise TypeError/ValueError naming the argument and the expected shape."""
     named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     for name, t in named:
@@ -101,6 +102,10 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale) ->
             raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 = no capping), got {type(softcap).__name__}")
+    if not (softcap >= 0 and softcap < float("inf")):
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap}")
 
 
 def _triton_interpreting() -> bool:
@@ -189,14 +194,14 @@ def _backend_module(name: str):
 # implementations below), and the same code path in eager mode.
 @torch.library.custom_op("prefix_attn::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-            attention_mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+            attention_mask: Optional[torch.Tensor], causal: bool, softmax_scale: float, softcap: float,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return _backend_module(backend).prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal,
-                                                    softmax_scale)
+                                                    softmax_scale, softcap)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
+def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend):
     # the CPU kernel keeps lse in float64 for float64 inputs (gradcheck precision); float32 everywhere else
     lse_dtype = torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
@@ -205,18 +210,18 @@ def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backen
 @torch.library.custom_op("prefix_attn::bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
             prefix_v: torch.Tensor, attention_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-            causal: bool, softmax_scale: float, backend: str, need_dq: bool, need_dkv: bool,
+            causal: bool, softmax_scale: float, softcap: float, backend: str, need_dq: bool, need_dkv: bool,
             need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backend_module(backend).prefix_attn_bwd(
-        dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+        dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
         need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix)
     # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, backend, need_dq,
-      need_dkv, need_dprefix):
+def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap, backend,
+      need_dq, need_dkv, need_dprefix):
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
     return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
@@ -227,10 +232,10 @@ class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention with a fused backward. Not for direct use: call ``prefix_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend):
-        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, backend)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend):
+        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask)
-        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+        ctx.causal, ctx.softmax_scale, ctx.softcap, ctx.backend = causal, softmax_scale, softcap, backend
         return out
 
     @staticmethod
@@ -239,10 +244,10 @@ class PrefixAttentionFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = _bwd_op(
             dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, ctx.causal, ctx.softmax_scale,
-            ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
+            ctx.softcap, ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
         )
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None)
+                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None, None)
 
 
 def prefix_attention(
@@ -255,6 +260,7 @@ def prefix_attention(
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention over a shared prefix K/V block plus the text K/V, without expanding the prefix.
@@ -266,6 +272,8 @@ def prefix_attention(
         causal:         text query ``i`` (text position ``len_k - len_q + i``) sees text keys ``j <= len_k - len_q + i``
         softmax_scale:  default ``head_dim ** -0.5``
         attention_mask: ``[batch, len_k]`` bool or 0/1 int, 1 = text key visible; prefix slots are always visible
+        softcap:        > 0 caps every score (prefix and text) as ``softcap * tanh(score / softcap)`` before the
+                        softmax (flash-attention's ``softcap``, Gemma 2's ``attn_logit_softcapping``); 0 = off
         backend:        None (CUDA -> "triton", CPU -> "cpu" if built else "torch"), or force one of those
 
     Returns:
@@ -282,18 +290,19 @@ def prefix_attention(
     aligned). A query that sees no key at all (``P == 0`` and fully padded) outputs zeros.
     Gradients flow to all five tensors; the prefix gradients are summed over the batch rows.
     """
-    _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale)
+    _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap)
     backend = _pick_backend(q, backend)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     mask = None if attention_mask is None else attention_mask.to(torch.bool)
     if backend == "torch" or q.shape[2] == 0:
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=bool(causal), softmax_scale=scale,
-                                          attention_mask=mask)
+                                          attention_mask=mask, softcap=float(softcap))
     if backend == "triton":
         if head_dim > TRITON_MAX_HEAD_DIM:
             raise ValueError(f"head_dim={head_dim} (q.shape[3]) is above the Triton kernels' limit of "
                              f"{TRITON_MAX_HEAD_DIM}")
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
-    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, bool(causal), scale, backend)
+    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, bool(causal), scale, float(softcap),
+                                         backend)

@@ -61,10 +61,14 @@ def prefix_attention_reference(
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
 ):
     """Expand + concat + masked softmax, differentiable by PyTorch autograd.
+
+    ``softcap > 0`` caps every score (prefix and text): ``s -> softcap * tanh(s / softcap)`` before the
+    softmax, as flash-attention and Gemma 2 do; 0 leaves the scores as they are.
 
     Math runs in ``compute_dtype`` (default: float64 for float64 inputs, float32 otherwise); the
     output has the dtype of ``q``. A query that sees no key at all (possible only with ``P == 0`` and
@@ -85,6 +89,8 @@ def prefix_attention_reference(
 
     keys, values = full(prefix_k, k), full(prefix_v, v)
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     allowed = visible_mask(
         len_q, len_k, num_prefix, causal=causal, attention_mask=attention_mask, device=q.device
     )

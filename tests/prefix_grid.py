@@ -9,6 +9,7 @@ to the magnitude of the result (flash-attention's criterion).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import pytest
@@ -28,6 +29,7 @@ class Case:
     head_dim: int
     causal: bool = True
     masked: bool = False  # left padding through attention_mask
+    softcap: float = 0.0  # > 0: scores capped as softcap * tanh(s / softcap)
 
     @property
     def heads_q(self) -> int:
@@ -36,7 +38,7 @@ class Case:
     def __str__(self) -> str:
         return (f"B{self.batch}-Hq{self.heads_q}-Hkv{self.heads_kv}-Tq{self.len_q}-Tk{self.len_k}"
                 f"-P{self.num_prefix}-D{self.head_dim}-{'causal' if self.causal else 'full'}"
-                f"{'-mask' if self.masked else ''}")
+                f"{'-mask' if self.masked else ''}{f'-cap{self.softcap:g}' if self.softcap else ''}")
 
 
 # Odd lengths on purpose: 1, 17, 75, 113; P = 0, 1, odd, larger than a block; every GQA ratio in {1, 2, 4};
@@ -56,6 +58,13 @@ GRID = [
     Case(1, 2, 1, 33, 70, 0, 128, masked=True),
     Case(2, 1, 1, 113, 113, 17, 16, masked=True),
     Case(1, 1, 4, 113, 113, 3, 24),
+]
+
+# Softcapping (Gemma 2 style): caps of 1 and 2.5 on N(0, 1) scores saturate tanh on part of every row.
+SOFTCAP_GRID = [
+    Case(2, 2, 2, 75, 75, 7, 64, masked=True, softcap=1.0),
+    Case(1, 2, 1, 5, 75, 40, 32, softcap=2.5),
+    Case(2, 1, 4, 17, 17, 0, 16, causal=False, masked=True, softcap=1.0),
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -104,20 +113,23 @@ def run_with_grads(fn: Callable, q, k, v, pk, pv, mask, dout, causal: bool, requ
     return out.detach(), tuple(None if t.grad is None else t.grad.detach() for t in leaves)
 
 
-def reference_fn(compute_dtype: Optional[torch.dtype]):
+def reference_fn(compute_dtype: Optional[torch.dtype], softcap: float = 0.0):
     def fn(q, k, v, pk, pv, *, causal, attention_mask):
         return prefix_attention_reference(q, k, v, pk, pv, causal=causal, attention_mask=attention_mask,
-                                          compute_dtype=compute_dtype)
+                                          softcap=softcap, compute_dtype=compute_dtype)
     return fn
 
 
 def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
     """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
     q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+    if case.softcap:
+        fn = functools.partial(fn, softcap=case.softcap)
     out, grads = run_with_grads(fn, q, k, v, pk, pv, mask, dout, case.causal)
     as64 = [t.double() for t in (q, k, v, pk, pv, dout)]
-    ref, ref_grads = run_with_grads(reference_fn(torch.float64), *as64[:5], mask, as64[5], case.causal)
-    low, low_grads = run_with_grads(reference_fn(dtype), q, k, v, pk, pv, mask, dout, case.causal)
+    ref, ref_grads = run_with_grads(reference_fn(torch.float64, case.softcap), *as64[:5], mask, as64[5],
+                                    case.causal)
+    low, low_grads = run_with_grads(reference_fn(dtype, case.softcap), q, k, v, pk, pv, mask, dout, case.causal)
     assert out.shape == ref.shape and out.dtype == dtype
     for i, (name, got, want, plain) in enumerate(zip(NAMES, (out,) + grads, (ref,) + ref_grads,
                                                      (low,) + low_grads)):

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from prefix_grid import Case, check_case, grid_params, make_inputs, run_with_grads
+from prefix_grid import SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
 
 import prefix_attn
 from prefix_attn.reference import prefix_attention_reference
@@ -28,6 +28,12 @@ def triton_op(*args, **kwargs):
 @needs_triton
 @pytest.mark.parametrize("case,dtype", grid_params())
 def test_grid(case, dtype):
+    check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
+
+
+@needs_triton
+@pytest.mark.parametrize("case,dtype", grid_params(SOFTCAP_GRID))
+def test_softcap_grid(case, dtype):
     check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
 
 
@@ -122,6 +128,8 @@ def test_gradcheck_float64():
     mask[1, :3] = False
     fn = lambda *a: triton_op(*a, attention_mask=mask)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, fast_mode=True)
+    capped = lambda *a: triton_op(*a, attention_mask=mask, softcap=0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(capped, args, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 GPU_GRID = [
@@ -131,6 +139,8 @@ GPU_GRID = [
     Case(2, 4, 2, 129, 1024, 31, 128, masked=True),
     Case(2, 4, 2, 1, 1000, 200, 128),
     Case(1, 2, 3, 1023, 1023, 113, 96, causal=False),
+    Case(2, 4, 2, 777, 777, 64, 128, masked=True, softcap=2.0),
+    Case(2, 12, 1, 1, 1024, 200, 64, softcap=1.0),
 ]
 
 

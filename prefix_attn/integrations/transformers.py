@@ -129,6 +129,39 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 
 
 # ---------------------------------------------------------------------------------------------- attention
+# kwargs a model may pass to its attention function. Honoured: softcap (in the kernels), sliding_window (while
+# P + keys fit in it), is_causal=True, dropout (refused in training, see below), scaling. Carried along by the
+# model and meaningless here: the _INERT ones. Anything else with a value other than None / False is refused
+# by name: an op that ignored an attention sink, a bias or packed-sequence boundaries would be silently wrong.
+_INERT = frozenset({
+    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
+    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids",
+})
+_NAMED_REFUSALS = {
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+    "cu_seq_lens_q": "packed sequences (cu_seq_lens_q)",
+    "cu_seq_lens_k": "packed sequences (cu_seq_lens_k)",
+    "max_length_q": "packed sequences (max_length_q)",
+    "max_length_k": "packed sequences (max_length_k)",
+    "head_mask": "a head mask",
+    "attention_bias": "an additive attention bias",
+    "alibi": "ALiBi position biases",
+}
+
+
+def _refuse_unhandled(module, kwargs) -> None:
+    for name, value in kwargs.items():
+        if name in _INERT or name in ("softcap", "sliding_window", "is_causal") or value is None or value is False:
+            continue
+        what = _NAMED_REFUSALS.get(name, f"the attention argument {name!r}")
+        raise NotImplementedError(f"{type(module).__name__} passes {what} to its attention function; prefix_attn "
+                                  f"does not implement it and will not ignore it")
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{type(module).__name__} asks for non-causal (bidirectional) attention "
+                                  f"(is_causal=False); prefix_attn supports causal self-attention only")
+
+
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (text only,
     from the cache when decoding) -> ``([B, Tq, Hq, D], None)``. The prefix of ``module.layer_idx`` is added
@@ -145,6 +178,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
             f"without it (other dropouts are unaffected); eval mode is never affected.")
     if not getattr(module, "is_causal", True):
         raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
+    _refuse_unhandled(module, kwargs)
+    softcap = kwargs.get("softcap") or 0.0
     pk, pv = binding.key_value(module.layer_idx)
     if pk.dtype != query.dtype or pk.device != query.device:
         # half-precision models: the prefix is kept in its own (float32) dtype and cast here, differentiably
@@ -164,7 +199,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                              f"[batch={query.shape[0]}, len_k={len_k}]")
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(torch.bool)
-    out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask)
+    out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
+                           softcap=float(softcap))
     return out.transpose(1, 2), None
 
 

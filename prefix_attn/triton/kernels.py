@@ -8,6 +8,10 @@ Layout (strides are passed for every tensor, so non-contiguous views are read in
 
 Softmax runs in base 2 (scores are pre-multiplied by softmax_scale * log2(e): exp2 is one instruction on the
 GPU); LSE is stored in natural log. Query ``i`` sits at text position ``i + DIAG`` with ``DIAG = Tk - Tq``.
+
+Softcapping (``SOFTCAP``, compile-time): a score ``s = softmax_scale * q.k`` becomes ``c * tanh(s / c)`` before
+the softmax (prefix and text columns alike); the kernels get ``cap_in = softmax_scale / c`` and
+``cap_out = c * log2(e)``, and the backward multiplies dS by ``1 - tanh^2``, recomputed from the scores.
 """
 
 import triton
@@ -28,6 +32,12 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through exp2 (interpreter and GPU alike); saturates to +-1 without overflow trouble."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
 def _text_visible(qpos, kpos, b, Tk, DIAG, MASK, stride_mb, stride_mn,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Bool tile: text key kpos is in range, causally visible from query qpos and not padded.
@@ -43,11 +53,14 @@ def _text_visible(qpos, kpos, b, Tk, DIAG, MASK, stride_mb, stride_mn,
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-               PRECISION: tl.constexpr):
+def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale, cap_in, cap_out,
+               PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over a key block. k_ptrs: [D, N] (transposed), v_ptrs: [N, D]."""
     k = tl.load(k_ptrs, mask=d_valid[:, None] & in_range[None, :], other=0.0)
-    s = _dot(q, k, PRECISION) * qk_scale
+    if SOFTCAP:
+        s = _tanh(_dot(q, k, PRECISION) * cap_in) * cap_out
+    else:
+        s = _dot(q, k, PRECISION) * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -69,8 +82,8 @@ def _prefix_attn_fwd_kernel(
     stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, Tq, Tk, P, D, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    H, GROUP, Tq, Tk, P, D, qk_scale, cap_in, cap_out,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -102,7 +115,7 @@ def _prefix_attn_fwd_kernel(
         v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
         visible = in_range[None, :] & m_valid[:, None]
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-                                   PRECISION)
+                                   cap_in, cap_out, PRECISION, SOFTCAP)
 
     # text: key blocks up to the diagonal of this query block (blocks above it are skipped)
     hi = Tk
@@ -118,7 +131,7 @@ def _prefix_attn_fwd_kernel(
         visible = _text_visible(offs_m[:, None], cols[None, :], b, Tk, DIAG, MASK, stride_mb, stride_mn,
                                 CAUSAL, HAS_MASK)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-                                   PRECISION)
+                                   cap_in, cap_out, PRECISION, SOFTCAP)
 
     empty = l_i == 0.0  # saw no key at all: output 0, lse = +inf so backward's p = exp(s - lse) = 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -157,9 +170,9 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h, start_m,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_dob, stride_doh, stride_dom, stride_dod,
                   stride_mb, stride_mn,
-                  offs_n, offs_d, H, Tq, Tk, D, qk_scale,
+                  offs_n, offs_d, H, Tq, Tk, D, qk_scale, cap_in, cap_out,
                   IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                  PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one query block's contribution to dK/dV of a key block, in transposed form.
 
     k, v: [N, D]; dk, dv: [N, D] float32. For prefix keys every query sees every slot (IS_PREFIX)."""
@@ -173,7 +186,11 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h, start_m,
                  + offs_d[None, :] * stride_dod, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     lse2 = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
-    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [N, M]
+    if SOFTCAP:
+        t_t = _tanh(_dot(k, tl.trans(q), PRECISION) * cap_in)  # [N, M]
+        s_t = t_t * cap_out
+    else:
+        s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [N, M]
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if not IS_PREFIX:
         visible_t = _text_visible(offs_m[None, :], offs_n[:, None], b, Tk, Tk - Tq, MASK, stride_mb, stride_mn,
@@ -182,6 +199,8 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h, start_m,
     dv += _dot(p_t.to(do.dtype), do, PRECISION)
     dp_t = _dot(v, tl.trans(do), PRECISION)  # [N, M]
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
@@ -195,8 +214,8 @@ def _prefix_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    H, HKV, GROUP, Tq, Tk, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    H, HKV, GROUP, Tq, Tk, D, qk_scale, sm_scale, cap_in, cap_out,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Text dK/dV: one program per (key block, b * Hkv); loops over the GROUP query heads (no atomics).
@@ -227,7 +246,7 @@ def _prefix_attn_bwd_dkdv_kernel(
                                    stride_qb, stride_qh, stride_qm, stride_qd,
                                    stride_dob, stride_doh, stride_dom, stride_dod,
                                    stride_mb, stride_mn, offs_n, offs_d, H, Tq, Tk, D, qk_scale,
-                                   False, CAUSAL, HAS_MASK, PRECISION, BLOCK_M)
+                                   cap_in, cap_out, False, CAUSAL, HAS_MASK, PRECISION, SOFTCAP, BLOCK_M)
     out_off = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_valid)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_valid)
@@ -240,8 +259,9 @@ def _prefix_attn_bwd_dprefix_kernel(
     stride_pkh, stride_pkn, stride_pkd,
     stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    B, H, HKV, GROUP, Tq, P, D, qk_scale, sm_scale, UNITS, UNITS_PER_SPLIT,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, H, HKV, GROUP, Tq, P, D, qk_scale, sm_scale, cap_in, cap_out, UNITS, UNITS_PER_SPLIT,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Prefix dK/dV, split for parallelism: one program per (prefix block, kv head, split).
 
@@ -271,25 +291,31 @@ def _prefix_attn_bwd_dprefix_kernel(
         dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, Q, b, h, start_m,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_dob, stride_doh, stride_dom, stride_dod,
-                               0, 0, offs_n, offs_d, H, Tq, Tq, D, qk_scale,
-                               True, False, False, PRECISION, BLOCK_M)
+                               0, 0, offs_n, offs_d, H, Tq, Tq, D, qk_scale, cap_in, cap_out,
+                               True, False, False, PRECISION, SOFTCAP, BLOCK_M)
     out_off = ((split * HKV + hk) * P + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(DPK + out_off, dk * sm_scale, mask=kv_valid)
     tl.store(DPV + out_off, dv, mask=kv_valid)
 
 
 @triton.jit
-def _bwd_q_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-                 PRECISION: tl.constexpr):
+def _bwd_q_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale, cap_in, cap_out,
+                 PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """dQ contribution of one key block. k_ptrs/v_ptrs: [N, D]."""
     kv_valid = in_range[:, None] & d_valid[None, :]
     k = tl.load(k_ptrs, mask=kv_valid, other=0.0)
     v = tl.load(v_ptrs, mask=kv_valid, other=0.0)
-    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+    if SOFTCAP:
+        t = _tanh(_dot(q, tl.trans(k), PRECISION) * cap_in)
+        s = t * cap_out
+    else:
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     p = tl.where(visible, p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq += _dot(ds.to(k.dtype), k, PRECISION)
     return dq
 
@@ -305,8 +331,8 @@ def _prefix_attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, Tq, Tk, P, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    H, GROUP, Tq, Tk, P, D, qk_scale, sm_scale, cap_in, cap_out,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ: one program per (query block, b * Hq), over the prefix blocks then the visible text blocks."""
@@ -337,7 +363,7 @@ def _prefix_attn_bwd_dq_kernel(
         v_ptrs = PV + hk * stride_pvh + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
         visible = in_range[None, :] & m_valid[:, None]
         dq = _bwd_q_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-                          PRECISION)
+                          cap_in, cap_out, PRECISION, SOFTCAP)
 
     hi = Tk
     if CAUSAL:
@@ -350,7 +376,7 @@ def _prefix_attn_bwd_dq_kernel(
         visible = _text_visible(offs_m[:, None], cols[None, :], b, Tk, DIAG, MASK, stride_mb, stride_mn,
                                 CAUSAL, HAS_MASK)
         dq = _bwd_q_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, in_range, d_valid, visible, qk_scale,
-                          PRECISION)
+                          cap_in, cap_out, PRECISION, SOFTCAP)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_valid)

@@ -1,7 +1,7 @@
 """Launchers for the Triton prefix-attention kernels: allocate outputs, pick block sizes and grids.
 
-    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale) -> (out, lse)
-    prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap) -> (out, lse)
+    prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix) -> (dq, dk, dv, dprefix_k, dprefix_v)
 
 Shapes as in ``prefix_attn.reference``. Inputs are read through their strides (no copies); outputs are
@@ -107,19 +107,28 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float):
+def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float,
+                    softcap: float = 0.0):
     with _on_device(q):
-        return _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale)
+        return _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap)
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
-                    softmax_scale: float, need_dq: bool = True, need_dkv: bool = True, need_dprefix: bool = True):
+                    softmax_scale: float, softcap: float = 0.0, need_dq: bool = True, need_dkv: bool = True,
+                    need_dprefix: bool = True):
     with _on_device(q):
-        return _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale,
+        return _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix)
 
 
-def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float):
+def _softcap_args(softmax_scale: float, softcap: float):
+    """(cap_in, cap_out, SOFTCAP) kernel arguments; softcap 0 compiles the plain path."""
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E, True
+    return 0.0, 0.0, False
+
+
+def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float, softcap: float):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     num_prefix = prefix_k.shape[1]
@@ -129,13 +138,14 @@ def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scal
     mask, mask_strides, has_mask = _mask_args(attention_mask, q)
     block_d = _block_d(head_dim)
     cfg = _fwd_blocks(block_d, q.dtype)
+    cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
     grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
     _prefix_attn_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *mask_strides,
         *out.stride(),
-        heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, head_dim, softmax_scale * LOG2E,
-        CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
+        heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, head_dim, softmax_scale * LOG2E, cap_in, cap_out,
+        CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -149,8 +159,8 @@ def _prefix_splits(units: int, programs_per_split: int, device: torch.device) ->
     return max(1, min(units, math.ceil(target / max(1, programs_per_split))))
 
 
-def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, need_dq, need_dkv,
-         need_dprefix):
+def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap, need_dq,
+         need_dkv, need_dprefix):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     num_prefix = prefix_k.shape[1]
@@ -161,6 +171,7 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
     cfg = _bwd_blocks(block_d, q.dtype)
     precision = _precision(q.dtype)
     qk_scale = softmax_scale * LOG2E
+    cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
     lse = lse.contiguous()
 
     delta = torch.empty_like(lse)
@@ -178,8 +189,8 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
         _prefix_attn_bwd_dkdv_kernel[grid](
             q, k, v, dout, lse, delta, mask, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides, *dk.stride(),
-            heads_q, heads_kv, group, len_q, len_k, head_dim, qk_scale, softmax_scale,
-            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision,
+            heads_q, heads_kv, group, len_q, len_k, head_dim, qk_scale, softmax_scale, cap_in, cap_out,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision, SOFTCAP=has_cap,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -198,8 +209,8 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
                 q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
                 *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
                 batch, heads_q, heads_kv, group, len_q, num_prefix, head_dim, qk_scale, softmax_scale,
-                units, per_split,
-                PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                cap_in, cap_out, units, per_split,
+                PRECISION=precision, SOFTCAP=has_cap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             # fixed-order reduction over the splits: bitwise reproducible
@@ -213,8 +224,8 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
             q, k, v, prefix_k, prefix_v, dout, lse, delta, mask, dq,
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
             *mask_strides, *dq.stride(),
-            heads_q, group, len_q, len_k, num_prefix, head_dim, qk_scale, softmax_scale,
-            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision,
+            heads_q, group, len_q, len_k, num_prefix, head_dim, qk_scale, softmax_scale, cap_in, cap_out,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision, SOFTCAP=has_cap,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -288,7 +288,7 @@ struct Rows4 {
 template <typename T>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
                             const at::Tensor& pv, const MaskInfo& mask, const Dims& d, bool causal, double scale,
-                            at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k) {
+                            double softcap, at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k) {
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
@@ -297,6 +297,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
   const T sc = static_cast<T>(scale);
+  const T cap = static_cast<T>(softcap);  // 0: no capping
 
   at::parallel_for(0, d.batch * d.heads_q * nqb, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
@@ -318,6 +319,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
                        int64_t lim0) {
         T* S = s_buf.data();
         gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
+        if (cap > T(0)) softcap_tile<T>(S, bq * n, sc, cap, nullptr);
         fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
         gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
       };
@@ -358,8 +360,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 template <typename T>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
-                            const MaskInfo& mask, const Dims& d, bool causal, double scale, bool need_dq,
-                            bool need_dkv, bool need_dprefix, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                            const MaskInfo& mask, const Dims& d, bool causal, double scale, double softcap,
+                            bool need_dq, bool need_dkv, bool need_dprefix, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                             at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
@@ -375,10 +377,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
   const bool do_prefix = d.num_prefix > 0 && (need_dq || need_dprefix);
   const bool do_text = need_dq || need_dkv;
   const T sc = static_cast<T>(scale);
+  const T cap = static_cast<T>(softcap);  // 0: no capping
 
   at::parallel_for(0, d.batch * d.heads_kv, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(d.len_q);
+    std::vector<T> cap_grad(cap > T(0) ? block_q * block_k : 0);  // 1 - tanh^2 of the capped scores
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
@@ -403,7 +407,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
           const T* do_tile = dO.at(b, hq, r0);
           gemm<T>(false, true, m, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
           gemm<T>(false, true, m, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
+          if (cap > T(0)) softcap_tile<T>(S, m * n, sc, cap, cap_grad.data());
           bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0);
+          if (cap > T(0)) {
+            const T* g = cap_grad.data();
+            for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];
+          }
           if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, dO.st, T(1), dv_tile, D);
           if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, Q.st, T(1), dk_tile, D);
           if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * D, D);
@@ -442,10 +451,11 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
 
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
                             const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask, bool causal,
-                            double softmax_scale, int64_t block_q, int64_t block_k) {
+                            double softmax_scale, double softcap, int64_t block_q, int64_t block_k) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
+  TORCH_CHECK(softcap >= 0, "prefix_attn cpu: softcap must be >= 0, got ", softcap);
   const auto st = q.scalar_type();
   const auto cdt = compute_type(st);
   at::Tensor qc = prep(q, cdt), kc = prep(k, cdt), vc = prep(v, cdt), pkc = prep(prefix_k, cdt),
@@ -456,9 +466,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, opts);
   if (out.numel() > 0) {
     if (cdt == at::kDouble) {
-      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, out, lse, block_q, block_k);
+      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, softcap, out, lse, block_q,
+                                     block_k);
     } else {
-      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, out, lse, block_q, block_k);
+      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, softcap, out, lse, block_q,
+                                    block_k);
     }
   }
   return {out.scalar_type() == st ? out : out.to(st), lse};
@@ -467,8 +479,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                             const c10::optional<at::Tensor>& attention_mask, const at::Tensor& out,
-                            const at::Tensor& lse, bool causal, double softmax_scale, bool need_dq, bool need_dkv,
-                            bool need_dprefix, int64_t block_q, int64_t block_k) {
+                            const at::Tensor& lse, bool causal, double softmax_scale, double softcap, bool need_dq,
+                            bool need_dkv, bool need_dprefix, int64_t block_q, int64_t block_k) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
@@ -500,11 +512,13 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   }
   if (q.numel() > 0 && (need_dq || need_dkv || need_dprefix)) {
     if (cdt == at::kDouble) {
-      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, need_dq,
-                                     need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q, block_k);
+      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, softcap,
+                                     need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
+                                     block_k);
     } else {
-      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, need_dq,
-                                    need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q, block_k);
+      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, softcap,
+                                    need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
+                                    block_k);
     }
   }
   at::Tensor dpk, dpv;
@@ -543,12 +557,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "prefix attention forward -> [out, lse]; lse float32 (float64 for float64 inputs), +inf where a query "
         "sees no key",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
-        py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"),
+        py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"), py::arg("softcap") = 0.0,
         py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK);
   m.def("bwd", &prefix_attn::bwd,
         "prefix attention backward -> [dq, dk, dv, dprefix_k, dprefix_v] (None where not needed)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("softmax_scale"),
-        py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
+        py::arg("softcap") = 0.0, py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
         py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK);
 }

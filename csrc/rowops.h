@@ -140,6 +140,20 @@ PREFIX_ATTN_INLINE void bwd_rows_impl(T* S, T* dP, int64_t rows, int64_t n, T sc
   }
 }
 
+// Logit softcapping, applied to a raw q.k tile S [count] before fwd_rows / bwd_rows (which multiply by `scale`):
+// S -> (cap / scale) * tanh(S * scale / cap), so that scale * S is the capped score cap * tanh(score / cap).
+// With `grad` (backward), grad[i] = 1 - tanh^2, the factor dS picks up through the cap.
+template <typename T>
+inline void softcap_tile(T* S, int64_t count, T scale, T cap, T* grad) {
+  const T in = scale / cap;
+  const T out = cap / scale;
+  for (int64_t i = 0; i < count; ++i) {
+    const T t = std::tanh(S[i] * in);
+    S[i] = t * out;
+    if (grad != nullptr) grad[i] = T(1) - t * t;
+  }
+}
+
 // delta[r] = sum_d dout[r, d] * out[r, d] (rows strided by ld_*)
 template <typename T>
 PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t dim,

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from prefix_grid import DTYPES, GRID, Case, check_case, grid_params, make_inputs
+from prefix_grid import DTYPES, GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs
 
 from prefix_attn import cpu as cpu_backend
 from prefix_attn import ops, prefix_attention
@@ -61,6 +61,11 @@ def test_grid(ext, case, dtype):
     check_case(cpu_fn, case, dtype)
 
 
+@pytest.mark.parametrize("case,dtype", grid_params(SOFTCAP_GRID, dtypes=DTYPES + [torch.float64]))
+def test_softcap_grid(ext, case, dtype):
+    check_case(cpu_fn, case, dtype)
+
+
 @pytest.mark.parametrize("case", [GRID[4], GRID[6], GRID[10], GRID[12]], ids=str)
 def test_grid_aten_gemm_fallback(ext, case):
     """The tile products through at::mm instead of BLAS (the path taken when torch exports no sgemm_)."""
@@ -81,13 +86,14 @@ GRADCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("softcap", [0.0, 0.8])
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
-def test_gradcheck_float64(ext, case):
+def test_gradcheck_float64(ext, case, softcap):
     q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float64, seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
 
     def fn(*xs):
-        return prefix_attention(*xs, causal=case.causal, attention_mask=mask, backend="cpu")
+        return prefix_attention(*xs, causal=case.causal, attention_mask=mask, softcap=softcap, backend="cpu")
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -138,7 +144,7 @@ def test_unneeded_gradients_are_skipped(ext):
     out, lse = cpu_backend.prefix_attn_fwd(q, k, v, pk, pv, mask, True, scale)
     full = cpu_backend.prefix_attn_bwd(dout, q, k, v, pk, pv, mask, out, lse, True, scale)
     for need in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
-        got = cpu_backend.prefix_attn_bwd(dout, q, k, v, pk, pv, mask, out, lse, True, scale, *need)
+        got = cpu_backend.prefix_attn_bwd(dout, q, k, v, pk, pv, mask, out, lse, True, scale, 0.0, *need)
         wanted = [need[0], need[1], need[1], need[2], need[2]]
         for w, g, f in zip(wanted, got, full):
             if w:

@@ -43,6 +43,10 @@ def call(**overrides):
      r"attention_mask must be \[batch=2, len_k=7\]"),
     (dict(attention_mask=torch.zeros(2, 7)), TypeError, r"attention_mask must be bool or 0/1 integers"),
     (dict(softmax_scale="big"), TypeError, r"softmax_scale must be a float"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be a finite float >= 0"),
+    (dict(softcap=float("inf")), ValueError, r"softcap must be a finite float >= 0"),
+    (dict(softcap=True), TypeError, r"softcap must be a float"),
+    (dict(softcap=torch.tensor(2.0)), TypeError, r"softcap must be a float"),
     (dict(backend="cuda"), ValueError, r"backend must be None or one of"),
 ])
 def test_bad_input(overrides, exc, pattern):

@@ -8,7 +8,7 @@ After ``enable(model, prefix)``:
   and ``model.state_dict()`` carries it under ``prefix_attn.*`` keys (``prefix_attn.prefix_kv``, or
   ``prefix_attn.embedding.weight`` / ``prefix_attn.transform.{0,2}.{weight,bias}`` with ``projection=True``).
 * the model runs attention through ``attn_implementation="prefix_attn"`` (see ``transformers.py`` here);
-* two hooks on the decoder (``model.base_model``): before its forward, ``position_ids`` are shifted by ``P`` as
+* two hooks on the decoder (the module that runs the layers, usually ``model.base_model``): before its forward, ``position_ids`` are shifted by ``P`` as
   PEFT does and the prefix K/V of all layers is computed once (one MLP evaluation in projection mode); after
   it (also when it raises), that K/V is dropped. It is never state that outlives the forward: a deep copy or a
   pickle of the model at any time carries the prefix parameters only;
@@ -132,8 +132,9 @@ _SIGNATURES: Dict[type, List[str]] = {}
 class _DecoderHooks:
     """Forward pre-hook and post-hook of the decoder; a module-level class so the model pickles."""
 
-    def __init__(self, binding: _Binding):
+    def __init__(self, binding: _Binding, mask_positions: bool = False):
         self.binding = binding
+        self.mask_positions = mask_positions  # OPT: positions counted over the attention mask
 
     def before(self, module, args, kwargs):
         if args:  # bind positionals by name so position_ids can be read and replaced
@@ -143,16 +144,26 @@ class _DecoderHooks:
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
         position_ids = kwargs.get("position_ids")
-        if position_ids is None:
+        num_prefix = self.binding.num_virtual_tokens
+        mask = kwargs.get("attention_mask")
+        if position_ids is not None:
+            # PEFT: the prefix occupies positions 0..P-1, so given positions are shifted by P
+            kwargs["position_ids"] = position_ids + num_prefix
+        else:
             tokens = kwargs.get("input_ids")
             if tokens is None:
                 tokens = kwargs.get("inputs_embeds")
             cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
-            # what the stock model does when position_ids is None, before PEFT's cache holds the prefix
-            position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past).unsqueeze(0)
-        # PEFT: the prefix occupies positions 0..P-1, so the text is shifted by P (given or default position_ids)
-        kwargs["position_ids"] = position_ids + self.binding.num_virtual_tokens
+            if self.mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                # OPT counts positions over its 2-D mask (cumsum(mask) * mask - 1); under PEFT that mask starts
+                # with P ones and the cache with P slots: real tokens at P + cumsum - 1, pads at -1
+                m = mask.long()
+                kwargs["position_ids"] = ((m.cumsum(-1) + num_prefix) * m - 1)[:, past:]
+            else:
+                # what the stock model does when position_ids is None, plus PEFT's shift by P
+                kwargs["position_ids"] = (torch.arange(tokens.shape[1], device=tokens.device)
+                                          + (past + num_prefix)).unsqueeze(0)
         self.binding.begin_forward()  # once per forward, outside any checkpointed layer
         return args, kwargs
 
@@ -162,6 +173,38 @@ class _DecoderHooks:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _runner(model, modules):
+    """The module whose forward runs the layers: the smallest PreTrainedModel inside ``model`` that holds every
+    attention module. Usually ``model.base_model``; OPT's ``OPTForCausalLM`` calls ``model.decoder`` directly,
+    so a hook on ``OPTModel`` would never fire."""
+    from transformers import PreTrainedModel
+
+    wanted = {id(m) for m in modules}
+    best, best_size = model, None
+    for sub in model.modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        inside = [id(m) for m in sub.modules()]
+        if wanted.issubset(inside) and (best_size is None or len(inside) < best_size):
+            best, best_size = sub, len(inside)
+    return best
+
+
+def _position_rule(runner) -> bool:
+    """True when the decoder derives positions from the attention mask (OPT); refuse families whose positions
+    come from the token ids (RoBERTa-style decoders: pad tokens skipped), which PEFT shifts in a way this hook
+    does not reproduce."""
+    embed = getattr(runner, "embed_positions", None)
+    if type(embed).__name__ == "OPTLearnedPositionalEmbedding":
+        return True
+    embeddings = getattr(runner, "embeddings", None)
+    if embeddings is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
+        raise NotImplementedError(
+            f"{type(runner).__name__} derives positions from the token ids (pad tokens skipped); prefix_attn "
+            f"does not reproduce PEFT's prefix offset for that rule")
+    return False
+
+
 def attention_modules(model) -> list:
     mods = []
     for name, m in model.named_modules():
@@ -252,6 +295,8 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
             raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
                              f"prefix has {PrefixShape.describe(prefix.shape)}")
 
+    runner = _runner(model, modules)
+    mask_positions = _position_rule(runner)
     hf.register()
     device = next(iter(model.parameters()), prefix.key_value()).device
     if any(p.device != device for p in prefix.parameters()):
@@ -273,10 +318,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     for m in modules:
         m._prefix_attn_binding = binding
     binding.attention_modules = modules
-    hooks = _DecoderHooks(binding)
-    decoder = model.base_model
-    binding.handles = [decoder.register_forward_pre_hook(hooks.before, with_kwargs=True),
-                       decoder.register_forward_hook(hooks.after, always_call=True)]
+    hooks = _DecoderHooks(binding, mask_positions)
+    binding.handles = [runner.register_forward_pre_hook(hooks.before, with_kwargs=True),
+                       runner.register_forward_hook(hooks.after, always_call=True)]
     model._prefix_attn_binding = binding
     model.save_pretrained = functools.partial(save_pretrained, model)
     return model

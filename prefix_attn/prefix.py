@@ -55,7 +55,11 @@ class PrefixShape:
 
 def _get(config, *names, default=None):
     for name in names:
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        try:
+            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        except Exception as exc:  # e.g. transformers' AmbiguousGlobalPerLayerAttributeError (Gemma 4)
+            raise ValueError(f"{type(config).__name__}.{name} differs per layer ({type(exc).__name__}); prefix_attn "
+                             f"needs one key/value shape for every layer") from exc
         if value is not None:
             return value
     return default

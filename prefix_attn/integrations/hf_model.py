@@ -282,6 +282,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     config = model.config
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise NotImplementedError(f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank): its "
+                                  f"keys and values have different head sizes; prefix_attn does not support it")
     prefix.check_compatible(config)
     modules = attention_modules(model)
     shape = prefix_shape_from_config(config)

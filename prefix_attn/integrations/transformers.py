@@ -41,6 +41,7 @@ try:
         prepare_padding_mask,
         sdpa_mask,
     )
+    from transformers.utils.generic import TransformersKwargs
     from transformers.utils.import_utils import is_tracing
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -133,10 +134,6 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 # P + keys fit in it), is_causal=True, dropout (refused in training, see below), scaling. Carried along by the
 # model and meaningless here: the _INERT ones. Anything else with a value other than None / False is refused
 # by name: an op that ignored an attention sink, a bias or packed-sequence boundaries would be silently wrong.
-_INERT = frozenset({
-    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
-    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids",
-})
 _NAMED_REFUSALS = {
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
@@ -147,7 +144,14 @@ _NAMED_REFUSALS = {
     "head_mask": "a head mask",
     "attention_bias": "an additive attention bias",
     "alibi": "ALiBi position biases",
+    "seq_idx": "packed sequences (seq_idx)",
 }
+# transformers' own pass-through kwargs (TransformersKwargs: num_items_in_batch from Trainer, output_* flags, ...)
+# plus what decoder layers forward; the packed-sequence ones among them are refused above when they carry a value
+_INERT = frozenset(set(getattr(TransformersKwargs, "__optional_keys__", ())) | {
+    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
+    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids",
+}) - set(_NAMED_REFUSALS) - {"is_causal"}
 
 
 def _refuse_unhandled(module, kwargs) -> None:

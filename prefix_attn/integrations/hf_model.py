@@ -8,8 +8,9 @@ After ``enable(model, prefix)``:
   and ``model.state_dict()`` carries it under ``prefix_attn.*`` keys (``prefix_attn.prefix_kv``, or
   ``prefix_attn.embedding.weight`` / ``prefix_attn.transform.{0,2}.{weight,bias}`` with ``projection=True``).
 * the model runs attention through ``attn_implementation="prefix_attn"`` (see ``transformers.py`` here);
-* two hooks on the decoder (the module that runs the layers, usually ``model.base_model``): before its forward, ``position_ids`` are shifted by ``P`` as
-  PEFT does and the prefix K/V of all layers is computed once (one MLP evaluation in projection mode); after
+* two hooks on the decoder (the module that runs the layers, usually ``model.base_model``): before its
+  forward, ``position_ids`` are shifted by ``P`` as PEFT does (OPT: counted over the mask, as PEFT's longer
+  mask does) and the prefix K/V of all layers is computed once (one MLP evaluation in projection mode); after
   it (also when it raises), that K/V is dropped. It is never state that outlives the forward: a deep copy or a
   pickle of the model at any time carries the prefix parameters only;
 * ``model.save_pretrained(path)`` writes the stock checkpoint (``config.json`` has the stock attention

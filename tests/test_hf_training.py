@@ -219,19 +219,20 @@ def test_trainer_equals_hand_written_loop(tmp_path, projection):
     ref_prefix.load_state_dict(start)
     ref_model.train()
     params = list(ref_prefix.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.0, fused=True)  # Trainer default: adamw_torch_fused
     sched = transformers.get_linear_schedule_with_warmup(opt, 0, 6)
     ref_norms = []
     for step in range(6):
         batch = {k: torch.stack([data[i][k] for i in range(4 * step, 4 * step + 4)]) for k in data[0]}
-        loss = ref_model(**batch).loss
+        count = (batch["labels"][:, 1:] != -100).sum()  # Trainer's loss is sum / label count, as here
+        loss = ref_model(**batch, num_items_in_batch=count).loss
         loss.backward()
         ref_norms.append(torch.nn.utils.clip_grad_norm_(params, 0.01).item())
         opt.step()
         sched.step()
         opt.zero_grad()
     for (name, got), want in zip(prefix.state_dict().items(), ref_prefix.state_dict().values()):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
         assert (got - start[name]).abs().max() > 1e-3, "the prefix must have trained"
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), atol=1e-5, rtol=1e-5)
 

@@ -33,13 +33,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from common import cpu_model, make_inputs, round_ratios, side_by_side, write_json  # noqa: E402
 
 from prefix_attn import prefix_attention, prefix_attention_reference  # noqa: E402
 from prefix_attn.demo import expand_concat_sdpa  # noqa: E402
@@ -53,11 +54,9 @@ CONFIGS = [  # (batch, heads, len, head_dim, num_prefix)
 
 
 def make(cfg, seed=0):
+    """([q, k, v, prefix_k, prefix_v], dout) in float32, not requiring grad."""
     B, H, T, D, P = cfg
-    gen = torch.Generator().manual_seed(seed)
-    leaves = [torch.randn(*s, generator=gen) for s in ((B, H, T, D),) * 3 + ((H, P, D),) * 2]
-    dout = torch.randn(B, H, T, D, generator=gen)
-    return leaves, dout
+    return make_inputs(B, H, H, T, T, P, D, seed=seed, requires_grad=False)
 
 
 def run_cpu(q, k, v, pk, pv):
@@ -99,17 +98,8 @@ def check(cfg) -> dict:
 def time_pair(cfg, rounds: int, warmup: int = 2) -> dict:
     leaves, dout = make(cfg)
     lv = {name: [t.clone().requires_grad_() for t in leaves] for name in VARIANTS}
-    for _ in range(warmup):
-        for name, fn in VARIANTS.items():
-            fwd_bwd(fn, lv[name], dout)
-    times = {name: [] for name in VARIANTS}
-    order = list(VARIANTS)
-    for r in range(rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            fwd_bwd(VARIANTS[name], lv[name], dout)
-            times[name].append(time.perf_counter() - t0)
-    ratios = [s / c for s, c in zip(times["sdpa"], times["cpu"])]
+    times = side_by_side(lambda name: (lambda: fwd_bwd(VARIANTS[name], lv[name], dout)), VARIANTS, rounds, warmup)
+    ratios = round_ratios(times, "sdpa", "cpu")
     return {"median_s": {n: statistics.median(ts) for n, ts in times.items()},
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "rounds": rounds}
@@ -154,17 +144,6 @@ def peak_memory(cfg, name: str, threads: int) -> dict:
                              threads=threads)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -213,8 +192,7 @@ def main() -> None:
     if args.quick:
         return
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(os.path.join(args.out, "bench_cpu.json"), {"meta": meta, "rows": rows}, indent=2)
     lines = [f"# CPU kernel vs expand + concat + SDPA (`{meta['command']}`)", "",
              f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, "
              f"torch {meta['torch']}, float32 forward + backward, median of {rounds} side-by-side rounds; "

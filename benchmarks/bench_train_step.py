@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
 import platform
-import re
 import statistics
 import sys
-import time
 import traceback
 
 import torch
+from common import device_name, git_commit, is_oom, now, result_path, short, sync, wall_times, write_json
 
-try:
-    import prefix_attn
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import prefix_attn
+import prefix_attn
 
 PATHS = ("peft[eager]", "peft[sdpa]", "prefix_attn")
 TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -137,11 +130,6 @@ def build_path(path: str, config, P: int, dtype, device, seed: int, peft_init=No
     return model, list(prefix.parameters()), grad, None
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(model, opt, input_ids, args, device) -> float:
     """Median ms of a training step (forward, backward, optimizer step), after args.warmup steps."""
 
@@ -157,14 +145,7 @@ def time_steps(model, opt, input_ids, args, device) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(wall_times(step, args.steps, device)) * 1e3
 
 
 def run_model(name, config, batch, seq, args, device, dtype) -> list:
@@ -237,10 +218,8 @@ def run_model(name, config, batch, seq, args, device, dtype) -> list:
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as exc:  # noqa: BLE001 - record, keep going
-            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            row["status"] = (
-                "OOM" if oom else f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            )
+            oom = is_oom(exc)
+            row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {short(exc, 300, more='')}"
             if not oom and args.verbose:
                 traceback.print_exc()
         del model
@@ -315,11 +294,7 @@ def main(argv=None):
         raise SystemExit(
             f"the training-step benchmark needs transformers and peft: pip install 'prefix_attn[hf]' ({exc})"
         ) from None
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-    )
+    name = device_name(device, cpu=platform.machine())
     results = {
         "meta": {
             "device_name": name,
@@ -328,7 +303,7 @@ def main(argv=None):
             "peft": peft.__version__,
             "prefix_attn": prefix_attn.__version__,
             "backends": prefix_attn.available_backends(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "date": now(),
             "dtype": str(dtype).replace("torch.", ""),
             "prefix": args.prefix,
             "steps": args.steps,
@@ -340,22 +315,12 @@ def main(argv=None):
         },
         "rows": [],
     }
-    try:
-        from bench_attention import git_commit  # same folder
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_attention import git_commit
     results["meta"]["git_commit"] = git_commit()
     for model_name, (config, batch, seq) in model_configs(args).items():
         results["meta"].setdefault("configs", {})[model_name] = config.to_dict()
         results["rows"].extend(run_model(model_name, config, batch, seq, args, device, dtype))
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40]
-    path = os.path.join(
-        args.out, f"train_step_{slug}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    path = result_path(args.out, "train_step", name)
+    write_json(path, results)
     print(f"\nwrote {path}")
     print(table(results))
     return results

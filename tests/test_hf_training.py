@@ -232,7 +232,7 @@ def test_trainer_equals_hand_written_loop(tmp_path, projection):
         sched.step()
         opt.zero_grad()
     for (name, got), want in zip(prefix.state_dict().items(), ref_prefix.state_dict().values()):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
         assert (got - start[name]).abs().max() > 1e-3, "the prefix must have trained"
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), atol=1e-5, rtol=1e-5)
 

@@ -6,13 +6,15 @@ A stand-in driver reports the target architecture and ``JITFunction.run`` is pat
 launching, so the real launchers in ``prefix_attn/triton/launch.py`` run unchanged on CPU tensors (block sizes
 and argument specialisation are what a real call produces). For each kernel it prints warps, stages, shared
 memory and the ptxas register / stack (spill) report from ``cuobjdump``. A compile error fails the run.
-This proves the kernels compile and fit; it says nothing about numerics or speed.
+``sass`` is the number of SASS instructions in the kernel, ``mma`` how many of them are (H)GMMA/HMMA. This proves
+the kernels compile and fit; it says nothing about numerics or speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+_SASS_OP = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 def _cuobjdump() -> str:
@@ -56,11 +60,16 @@ def install_fake_driver(arch: int, rows: list) -> None:
             f.write(kernel.asm["cubin"])
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
                                text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
         line = next((part.strip() for part in usage.splitlines() if "REG" in part), "?")
+        ops = [m.group(1) for m in _SASS_OP.finditer(sass)]
+        mma = sum(op.startswith(("HGMMA", "HMMA")) for op in ops)
         md = kernel.metadata
-        rows.append((self.__name__, md.num_warps, md.num_stages, md.shared, line))
-        print(f"  {self.__name__:36s} warps={md.num_warps} stages={md.num_stages} smem={md.shared:6d} | {line}")
+        tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in kwargs)
+        rows.append((self.__name__, md.num_warps, md.num_stages, md.shared, line, len(ops), mma))
+        print(f"  {self.__name__:36s} {tiles:11s} warps={md.num_warps} stages={md.num_stages} smem={md.shared:6d} "
+              f"sass={len(ops):5d} mma={mma:3d} | {line}")
         return kernel
 
     jit.JITFunction.run = compile_only

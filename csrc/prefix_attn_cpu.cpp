@@ -524,8 +524,9 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   at::Tensor dpk, dpv;
   if (need_dprefix) {
     // Sum the per-row partials over the batch, in batch order (deterministic).
-    dpk = dpk_part.select(0, 0).clone();
-    dpv = dpv_part.select(0, 0).clone();
+    // An empty batch has no partials: its prefix gradients are zeros.
+    dpk = d.batch > 0 ? dpk_part.select(0, 0).clone() : at::zeros({d.heads_kv, d.num_prefix, d.head_dim}, opts);
+    dpv = d.batch > 0 ? dpv_part.select(0, 0).clone() : at::zeros({d.heads_kv, d.num_prefix, d.head_dim}, opts);
     for (int64_t b = 1; b < d.batch; ++b) {
       dpk.add_(dpk_part.select(0, b));
       dpv.add_(dpv_part.select(0, b));

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 
+from . import tuning
 from .kernels import (
     LOG2E,
     _prefix_attn_bwd_dkdv_kernel,
@@ -26,24 +26,16 @@ from .kernels import (
     _prefix_attn_bwd_dq_kernel,
     _prefix_attn_bwd_preprocess_kernel,
     _prefix_attn_fwd_kernel,
+    _prefix_attn_reduce_kernel,
 )
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid.y, which carries batch * heads
-
-
-class _Blocks(NamedTuple):
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+PREFIX_BLOCK_MAX = 64  # prefix tiles of the dprefix kernel: max(16, next_pow2(P)) up to this
+MIN_UNITS_PER_SPLIT = 8  # query blocks per split of the prefix reduction, at least
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16; pad D, mask the tail
+    return tuning.interpreting()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -53,35 +45,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and _interpreting():
         return "upcast"  # see kernels._dot: the interpreter's bfloat16 dot is broken
     return "tf32"  # ignored for 16-bit operands
-
-
-def _fwd_blocks(block_d: int, dtype: torch.dtype) -> _Blocks:
-    if _interpreting():
-        return _Blocks(16, 16, 4, 1)  # small tiles: the CPU interpreter walks every block, odd shapes hit edges
-    if dtype in (torch.float32, torch.float64):
-        # ieee float32 dots run on FMA with both operands in registers: larger tiles spilled several KB per
-        # thread when compiled for sm_90 (ptxas report), so float32 keeps small tiles
-        if block_d <= 64:
-            return _Blocks(32, 32, 4, 1)
-        return _Blocks(16, 32, 4, 1) if block_d <= 128 else _Blocks(16, 16, 4, 1)
-    if block_d <= 64:
-        return _Blocks(128, 64, 4, 3)
-    if block_d <= 128:
-        return _Blocks(128, 64, 8, 3)
-    return _Blocks(64, 32, 4, 2)
-
-
-def _bwd_blocks(block_d: int, dtype: torch.dtype) -> _Blocks:
-    """(BLOCK_M, BLOCK_N) for the dK/dV kernels; the dQ kernel uses them swapped."""
-    if _interpreting():
-        return _Blocks(16, 16, 4, 1)
-    if dtype in (torch.float32, torch.float64):
-        return _Blocks(16, 32, 4, 1) if block_d <= 64 else _Blocks(16, 16, 4, 1)
-    if block_d <= 64:
-        return _Blocks(32, 64, 4, 2)
-    if block_d <= 128:
-        return _Blocks(32, 64, 8, 2)
-    return _Blocks(16, 32, 4, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,28 +98,48 @@ def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scal
     _check_grid(batch, heads_q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
     mask, mask_strides, has_mask = _mask_args(attention_mask, q)
-    block_d = _block_d(head_dim)
-    cfg = _fwd_blocks(block_d, q.dtype)
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
-    grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
-    _prefix_attn_fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *mask_strides,
-        *out.stride(),
-        heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, head_dim, softmax_scale * LOG2E, cap_in, cap_out,
-        CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def run(cfg: tuning.Blocks):
+        grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
+        _prefix_attn_fwd_kernel[grid](
+            q, k, v, prefix_k, prefix_v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *mask_strides,
+            *out.stride(),
+            heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap,
+            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=tuning.block_d(head_dim),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap)
+    run(tuning.config("fwd", q.dtype, head_dim, dims, q.device, run))
     return out, lse
 
 
 def _prefix_splits(units: int, programs_per_split: int, device: torch.device) -> int:
     """How many ways to split the batch-wide reduction for the prefix gradient: enough programs to fill
-    the GPU (about 4 per SM), never more splits than query blocks."""
+    the GPU (about 4 per SM), but at least MIN_UNITS_PER_SPLIT query blocks per split."""
     target = 4 * _num_sms(device.index or 0) if device.type == "cuda" else 4 * programs_per_split
-    return max(1, min(units, math.ceil(target / max(1, programs_per_split))))
+    splits = math.ceil(target / max(1, programs_per_split))
+    return max(1, min(splits, units // MIN_UNITS_PER_SPLIT))
+
+
+def _prefix_pieces(num_prefix: int, block_max: int):
+    """[(start, block_n, n_blocks)]: prefix tiles of max(16, next_pow2(P)) rows up to block_max, and a tail
+    rounded up to 16 rows, split into power-of-two tiles (P = 200 with 64-row tiles: 3 x 64 + 1 x 16)."""
+    block = min(block_max, tuning.block_d(num_prefix))
+    full = num_prefix // block
+    pieces = [(0, block, full)] if full else []
+    start, tail = full * block, -(-(num_prefix - full * block) // 16) * 16
+    while tail > 0:
+        piece = 1 << (tail.bit_length() - 1)
+        pieces.append((start, piece, 1))
+        start, tail = start + piece, tail - piece
+    return pieces
 
 
 def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap, need_dq,
@@ -166,67 +149,81 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
     num_prefix = prefix_k.shape[1]
     group = heads_q // heads_kv
     _check_grid(batch, heads_q)
+    if q.numel() == 0:  # nothing to propagate (batch or heads of 0): every gradient is zeros
+        return tuple(torch.zeros_like(t) if need else None for t, need in
+                     ((q, need_dq), (k, need_dkv), (v, need_dkv), (prefix_k, need_dprefix), (prefix_v, need_dprefix)))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
+    dpk = dpv = None
+    if need_dprefix:  # written whole by the reduction; zeros where P = 0
+        make = torch.empty if num_prefix > 0 else torch.zeros
+        dpk = make(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
+        dpv = make(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
     mask, mask_strides, has_mask = _mask_args(attention_mask, q)
-    block_d = _block_d(head_dim)
-    cfg = _bwd_blocks(block_d, q.dtype)
+    bd = tuning.block_d(head_dim)
     precision = _precision(q.dtype)
     qk_scale = softmax_scale * LOG2E
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
+    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap, group)
+    flags = dict(PRECISION=precision, SOFTCAP=has_cap, HEAD_DIM=head_dim, BLOCK_D=bd)
     lse = lse.contiguous()
 
     delta = torch.empty_like(lse)
     pre_m = 64 if not _interpreting() else 16
     _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(len_q, pre_m), batch * heads_q)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads_q, len_q, head_dim,
-        BLOCK_M=pre_m, BLOCK_D=block_d,
+        out, dout, delta, *out.stride(), *dout.stride(), heads_q, len_q,
+        HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
 
-    dq = dk = dv = dpk = dpv = None
     if need_dkv:
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        grid = (triton.cdiv(len_k, cfg.block_n), batch * heads_kv)
-        _prefix_attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, mask, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides, *dk.stride(),
-            heads_q, heads_kv, group, len_q, len_k, head_dim, qk_scale, softmax_scale, cap_in, cap_out,
-            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision, SOFTCAP=has_cap,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if need_dprefix:
-        if num_prefix == 0:
-            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-        else:
-            n_blocks = triton.cdiv(num_prefix, cfg.block_n)
+        def run_dkdv(cfg: tuning.Blocks):
+            _prefix_attn_bwd_dkdv_kernel[(triton.cdiv(len_k, cfg.block_n), batch * heads_kv)](
+                q, k, v, dout, lse, delta, mask, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides, *dk.stride(),
+                heads_q, heads_kv, group, len_q, len_k, qk_scale, softmax_scale, cap_in, cap_out,
+                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            )
+
+        run_dkdv(tuning.config("dkdv", q.dtype, head_dim, dims, q.device, run_dkdv))
+    if need_dprefix and num_prefix > 0:
+        def run_dprefix(cfg: tuning.Blocks):
             units = batch * group * triton.cdiv(len_q, cfg.block_m)
-            splits = _prefix_splits(units, n_blocks * heads_kv, q.device)
-            per_split = triton.cdiv(units, splits)
+            pieces = _prefix_pieces(num_prefix, min(cfg.block_n, PREFIX_BLOCK_MAX))
+            programs = sum(n for _, _, n in pieces) * heads_kv
+            per_split = triton.cdiv(units, _prefix_splits(units, programs, q.device))
             splits = triton.cdiv(units, per_split)
             partial_k = torch.empty((splits, heads_kv, num_prefix, head_dim), dtype=torch.float32, device=q.device)
             partial_v = torch.empty_like(partial_k)
-            _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, splits)](
-                q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
-                *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-                batch, heads_q, heads_kv, group, len_q, num_prefix, head_dim, qk_scale, softmax_scale,
-                cap_in, cap_out, units, per_split,
-                PRECISION=precision, SOFTCAP=has_cap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            for start, block_n, n_blocks in pieces:
+                _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, splits)](
+                    q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
+                    *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+                    heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
+                    cap_in, cap_out, units, per_split,
+                    BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps if block_n > 32 else 4,
+                    num_stages=cfg.num_stages,
+                    **flags,
+                )
+            # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
+            numel = heads_kv * num_prefix * head_dim
+            reduce_block = 1024 if not _interpreting() else 256
+            _prefix_attn_reduce_kernel[(triton.cdiv(numel, reduce_block),)](
+                partial_k, partial_v, dpk, dpv, splits, numel, BLOCK=reduce_block,
             )
-            # fixed-order reduction over the splits: bitwise reproducible
-            dpk = partial_k.sum(0).to(prefix_k.dtype)
-            dpv = partial_v.sum(0).to(prefix_v.dtype)
+
+        run_dprefix(tuning.config("dprefix", q.dtype, head_dim, dims + (batch,), q.device, run_dprefix))
     if need_dq:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        block_m, block_n = cfg.block_n, cfg.block_m
-        grid = (triton.cdiv(len_q, block_m), batch * heads_q)
-        _prefix_attn_bwd_dq_kernel[grid](
-            q, k, v, prefix_k, prefix_v, dout, lse, delta, mask, dq,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-            *mask_strides, *dq.stride(),
-            heads_q, group, len_q, len_k, num_prefix, head_dim, qk_scale, softmax_scale, cap_in, cap_out,
-            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=precision, SOFTCAP=has_cap,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        def run_dq(cfg: tuning.Blocks):
+            _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
+                q, k, v, prefix_k, prefix_v, dout, lse, delta, mask, dq,
+                *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+                *mask_strides, *dq.stride(),
+                heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
+                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            )
+
+        run_dq(tuning.config("dq", q.dtype, head_dim, dims, q.device, run_dq))
     return dq, dk, dv, dpk, dpv

@@ -6,7 +6,8 @@ A stand-in driver reports the target architecture and ``JITFunction.run`` is pat
 launching, so the real launchers in ``prefix_attn/triton/launch.py`` run unchanged on CPU tensors (block sizes
 and argument specialisation are what a real call produces). For each kernel it prints warps, stages, shared
 memory and the ptxas register / stack (spill) report from ``cuobjdump``. A compile error fails the run.
-``sass`` is the number of SASS instructions in the kernel, ``mma`` how many of them are (H)GMMA/HMMA. This proves
+``sass`` is the number of SASS instructions in the kernel, ``mma`` how many of them are (H)GMMA/HMMA, ``loops`` the
+instructions / MMA instructions of each loop body that holds an MMA (the per-iteration cost). This proves
 the kernels compile and fit; it says nothing about numerics or speed.
 """
 
@@ -30,6 +31,22 @@ from triton.runtime import driver  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 _SASS_OP = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+
+
+def loop_sizes(sass: str) -> list:
+    """(instructions, MMA instructions) of each innermost loop body that holds an MMA, in program order: the
+    per-iteration cost of the kernel's key/query-block loops (a loop is a backward branch to its head)."""
+    lines = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, op, rest in lines:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in lines if int(target.group(1), 16) <= a <= addr]
+            mma = sum(o.startswith(("HGMMA", "HMMA")) for o in body)
+            if mma:
+                loops.append((len(body), mma))
+    return loops
 
 
 def _cuobjdump() -> str:
@@ -65,11 +82,12 @@ def install_fake_driver(arch: int, rows: list) -> None:
         line = next((part.strip() for part in usage.splitlines() if "REG" in part), "?")
         ops = [m.group(1) for m in _SASS_OP.finditer(sass)]
         mma = sum(op.startswith(("HGMMA", "HMMA")) for op in ops)
+        loops = " ".join(f"{n}/{m}" for n, m in loop_sizes(sass)) or "-"
         md = kernel.metadata
         tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in kwargs)
         rows.append((self.__name__, md.num_warps, md.num_stages, md.shared, line, len(ops), mma))
         print(f"  {self.__name__:36s} {tiles:11s} warps={md.num_warps} stages={md.num_stages} smem={md.shared:6d} "
-              f"sass={len(ops):5d} mma={mma:3d} | {line}")
+              f"sass={len(ops):5d} mma={mma:3d} loops={loops} | {line}")
         return kernel
 
     jit.JITFunction.run = compile_only

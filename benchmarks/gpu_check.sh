@@ -10,6 +10,8 @@
 # PNGs, the training-step JSON and PNG, and results.tar.gz holding everything of this run with the log).
 # TOTAL_SECONDS (default 540) is the wall-clock budget the attention suite's --time-budget is derived from;
 # SKIP_INSTALL=1 skips the pip install (an environment where the package is already installed).
+# PREFIX_ATTN_AUTOTUNE=1 times every tile candidate once per shape (prefix_attn/triton/tuning.py) before the timed
+# runs; the chosen tiles are written to autotune.json in the run folder (and results.tar.gz).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ for arg in "$@"; do
 done
 RUN_DIR=$(mktemp -d -t prefix_attn_bench.XXXXXX)
 exec > >(tee "$RUN_DIR/gpu_check.log") 2>&1
+export PREFIX_ATTN_AUTOTUNE_CACHE=${PREFIX_ATTN_AUTOTUNE_CACHE:-$RUN_DIR/autotune.json}
 
 step() {  # echo, run, report; never stop the script
     echo

@@ -4,6 +4,8 @@
 //   q:              [batch, heads_q,  len_q, head_dim]
 //   k, v:           [batch, heads_kv, len_k, head_dim]     heads_q % heads_kv == 0, len_q <= len_k
 //   prefix_k/v:     [heads_kv, P, head_dim]                read in place for every batch row, P may be 0
+//                   or a bank [N, heads_kv, P, head_dim]   with prefix_ids [B]: row b reads entry prefix_ids[b]
+//   prefix_lengths: [N] (optional, with a bank)            entry n has its first prefix_lengths[n] slots only
 //   attention_mask: [batch, len_k] bool                    1 = text key visible (prefix always visible)
 //   out:            [batch, heads_q, len_q, head_dim]
 //   lse:            [batch, heads_q, len_q]                float32 (float64 for float64 inputs), +inf where a
@@ -90,7 +92,50 @@ std::string shape_str(const at::Tensor& t) {
 
 struct Dims {
   int64_t batch, heads_q, len_q, head_dim, heads_kv, len_k, num_prefix, group;
+  int64_t entries = 0;  // > 0: the prefix is a bank of this many entries, chosen per row
 };
+
+// Which bank entry, and how many of its slots, batch row b sees (the per-row prefix descriptor).
+struct Bank {
+  std::vector<int64_t> ids, lengths;  // empty: shared prefix / every entry has all num_prefix slots
+  int64_t num_prefix = 0;
+  int64_t entry(int64_t b) const { return ids.empty() ? 0 : ids[b]; }
+  int64_t slots(int64_t b) const { return lengths.empty() ? num_prefix : lengths[entry(b)]; }
+};
+
+std::vector<int64_t> to_vector(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+Bank make_bank(const c10::optional<at::Tensor>& prefix_ids, const c10::optional<at::Tensor>& prefix_lengths,
+               const struct Dims& d) {
+  Bank bank;
+  bank.num_prefix = d.num_prefix;
+  if (prefix_ids.has_value() && prefix_ids->defined()) {
+    TORCH_CHECK(d.entries > 0, "prefix_attn cpu: prefix_ids needs a bank prefix [N, heads_kv, P, head_dim]");
+    TORCH_CHECK(prefix_ids->dim() == 1 && prefix_ids->size(0) == d.batch, "prefix_attn cpu: prefix_ids must be [batch=",
+                d.batch, "], got ", shape_str(*prefix_ids));
+    bank.ids = to_vector(*prefix_ids);
+    for (int64_t id : bank.ids) {
+      TORCH_CHECK(id >= 0 && id < d.entries, "prefix_attn cpu: prefix_ids must be in [0, ", d.entries, "), got ", id);
+    }
+  } else {
+    TORCH_CHECK(d.entries == 0, "prefix_attn cpu: a bank prefix [N, heads_kv, P, head_dim] needs prefix_ids");
+  }
+  if (prefix_lengths.has_value() && prefix_lengths->defined()) {
+    TORCH_CHECK(!bank.ids.empty(), "prefix_attn cpu: prefix_lengths needs prefix_ids");
+    TORCH_CHECK(prefix_lengths->dim() == 1 && prefix_lengths->size(0) == d.entries,
+                "prefix_attn cpu: prefix_lengths must be [num_entries=", d.entries, "], got ",
+                shape_str(*prefix_lengths));
+    bank.lengths = to_vector(*prefix_lengths);
+    for (int64_t n : bank.lengths) {
+      TORCH_CHECK(n >= 0 && n <= d.num_prefix, "prefix_attn cpu: prefix_lengths must be in [0, ", d.num_prefix,
+                  "], got ", n);
+    }
+  }
+  return bank;
+}
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
                   const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask) {
@@ -110,12 +155,14 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(d.heads_kv > 0 && d.heads_q % d.heads_kv == 0, "prefix_attn cpu: heads_q=", d.heads_q,
               " must be a multiple of heads_kv=", d.heads_kv);
   TORCH_CHECK(d.len_q <= d.len_k, "prefix_attn cpu: len_q=", d.len_q, " must be <= len_k=", d.len_k);
-  TORCH_CHECK(prefix_k.dim() == 3 && prefix_k.size(0) == d.heads_kv && prefix_k.size(2) == d.head_dim,
+  TORCH_CHECK((prefix_k.dim() == 3 || prefix_k.dim() == 4) && prefix_k.size(-3) == d.heads_kv &&
+                  prefix_k.size(-1) == d.head_dim,
               "prefix_attn cpu: prefix_k must be [heads_kv=", d.heads_kv, ", num_prefix, head_dim=", d.head_dim,
-              "], got ", shape_str(prefix_k));
+              "] or a bank [N, heads_kv, num_prefix, head_dim], got ", shape_str(prefix_k));
   TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), "prefix_attn cpu: prefix_v must be ", shape_str(prefix_k),
               " like prefix_k, got ", shape_str(prefix_v));
-  d.num_prefix = prefix_k.size(1);
+  d.num_prefix = prefix_k.size(-2);
+  d.entries = prefix_k.dim() == 4 ? prefix_k.size(0) : 0;
   d.group = d.heads_q / d.heads_kv;
   const char* names[] = {"q", "k", "v", "prefix_k", "prefix_v"};
   const at::Tensor* ts[] = {&q, &k, &v, &prefix_k, &prefix_v};
@@ -287,8 +334,9 @@ struct Rows4 {
 
 template <typename T>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                            const at::Tensor& pv, const MaskInfo& mask, const Dims& d, bool causal, double scale,
-                            double softcap, at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k) {
+                            const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Dims& d, bool causal,
+                            double scale, double softcap, at::Tensor& out, at::Tensor& lse, int64_t block_q,
+                            int64_t block_k) {
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
@@ -324,9 +372,10 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
       };
 
-      for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
-        const int64_t n = std::min(block_k, d.num_prefix - p0);
-        block(PK.at(0, hkv, p0), PK.st, PV.at(0, hkv, p0), PV.st, n, nullptr, n);
+      const int64_t e = bank.entry(b), np = bank.slots(b);
+      for (int64_t p0 = 0; p0 < np; p0 += block_k) {
+        const int64_t n = std::min(block_k, np - p0);
+        block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, n, nullptr, n);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
       const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
@@ -360,8 +409,9 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 template <typename T>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
-                            const MaskInfo& mask, const Dims& d, bool causal, double scale, double softcap,
-                            bool need_dq, bool need_dkv, bool need_dprefix, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                            const MaskInfo& mask, const Bank& bank, const Dims& d, bool causal, double scale,
+                            double softcap, bool need_dq, bool need_dkv, bool need_dprefix, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv,
                             at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
@@ -418,11 +468,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
           if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * D, D);
         };
 
-        if (do_prefix) {
-          for (int64_t p0 = 0; p0 < d.num_prefix; p0 += block_k) {
-            const int64_t n = std::min(block_k, d.num_prefix - p0);
+        if (do_prefix) {  // this row's entry and its visible slots; the partial's other slots stay zero
+          const int64_t e = bank.entry(b), np = bank.slots(b);
+          for (int64_t p0 = 0; p0 < np; p0 += block_k) {
+            const int64_t n = std::min(block_k, np - p0);
             for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
-              block(PK.at(0, hkv, p0), PK.st, PV.at(0, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
+              block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
                     dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n);
             }
           }
@@ -451,9 +502,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
 
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
                             const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask, bool causal,
-                            double softmax_scale, double softcap, int64_t block_q, int64_t block_k) {
+                            double softmax_scale, double softcap, int64_t block_q, int64_t block_k,
+                            const c10::optional<at::Tensor>& prefix_ids,
+                            const c10::optional<at::Tensor>& prefix_lengths) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
+  const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
   TORCH_CHECK(softcap >= 0, "prefix_attn cpu: softcap must be >= 0, got ", softcap);
   const auto st = q.scalar_type();
@@ -466,11 +520,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, opts);
   if (out.numel() > 0) {
     if (cdt == at::kDouble) {
-      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, softcap, out, lse, block_q,
-                                     block_k);
+      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, bank, d, causal, softmax_scale, softcap, out, lse,
+                                     block_q, block_k);
     } else {
-      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, d, causal, softmax_scale, softcap, out, lse, block_q,
-                                    block_k);
+      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, bank, d, causal, softmax_scale, softcap, out, lse,
+                                    block_q, block_k);
     }
   }
   return {out.scalar_type() == st ? out : out.to(st), lse};
@@ -480,9 +534,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                             const c10::optional<at::Tensor>& attention_mask, const at::Tensor& out,
                             const at::Tensor& lse, bool causal, double softmax_scale, double softcap, bool need_dq,
-                            bool need_dkv, bool need_dprefix, int64_t block_q, int64_t block_k) {
+                            bool need_dkv, bool need_dprefix, int64_t block_q, int64_t block_k,
+                            const c10::optional<at::Tensor>& prefix_ids,
+                            const c10::optional<at::Tensor>& prefix_lengths) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
+  const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
   TORCH_CHECK(dout.sizes() == q.sizes(), "prefix_attn cpu: dout must be [batch, heads_q, len_q, head_dim] = ",
               shape_str(q), " like q, got ", shape_str(dout));
@@ -512,17 +569,26 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   }
   if (q.numel() > 0 && (need_dq || need_dkv || need_dprefix)) {
     if (cdt == at::kDouble) {
-      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, softcap,
+      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, d, causal, softmax_scale, softcap,
                                      need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
                                      block_k);
     } else {
-      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, d, causal, softmax_scale, softcap,
+      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, d, causal, softmax_scale, softcap,
                                     need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
                                     block_k);
     }
   }
   at::Tensor dpk, dpv;
-  if (need_dprefix) {
+  if (need_dprefix && d.entries > 0) {
+    // A bank: entry n's gradient is the sum of the partials of the rows that chose it, in batch order
+    // (deterministic); entries no row chose stay zero.
+    dpk = at::zeros({d.entries, d.heads_kv, d.num_prefix, d.head_dim}, opts);
+    dpv = at::zeros({d.entries, d.heads_kv, d.num_prefix, d.head_dim}, opts);
+    for (int64_t b = 0; b < d.batch; ++b) {
+      dpk.select(0, bank.entry(b)).add_(dpk_part.select(0, b));
+      dpv.select(0, bank.entry(b)).add_(dpv_part.select(0, b));
+    }
+  } else if (need_dprefix) {
     // Sum the per-row partials over the batch, in batch order (deterministic).
     // An empty batch has no partials: its prefix gradients are zeros.
     dpk = d.batch > 0 ? dpk_part.select(0, 0).clone() : at::zeros({d.heads_kv, d.num_prefix, d.head_dim}, opts);
@@ -559,11 +625,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sees no key",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"), py::arg("softcap") = 0.0,
-        py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK);
+        py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK,
+        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none());
   m.def("bwd", &prefix_attn::bwd,
         "prefix attention backward -> [dq, dk, dv, dprefix_k, dprefix_v] (None where not needed)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("softmax_scale"),
         py::arg("softcap") = 0.0, py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
-        py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK);
+        py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK,
+        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none());
 }

@@ -108,18 +108,21 @@ def _module():
 
 
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], causal: bool,
-                    softmax_scale: float, softcap: float = 0.0):
+                    softmax_scale: float, softcap: float = 0.0, prefix_ids: Optional[torch.Tensor] = None,
+                    prefix_lengths: Optional[torch.Tensor] = None):
     """-> (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 inputs)."""
     out, lse = _module().fwd(q, k, v, prefix_k, prefix_v, attention_mask, bool(causal), float(softmax_scale),
-                             float(softcap))
+                             float(softcap), prefix_ids=prefix_ids, prefix_lengths=prefix_lengths)
     return out, lse
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], out, lse,
                     causal: bool, softmax_scale: float, softcap: float = 0.0, need_dq: bool = True,
-                    need_dkv: bool = True, need_dprefix: bool = True):
+                    need_dkv: bool = True, need_dprefix: bool = True, prefix_ids: Optional[torch.Tensor] = None,
+                    prefix_lengths: Optional[torch.Tensor] = None):
     """-> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype; None for the ones not asked for."""
     dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse,
                                          bool(causal), float(softmax_scale), float(softcap), bool(need_dq),
-                                         bool(need_dkv), bool(need_dprefix))
+                                         bool(need_dkv), bool(need_dprefix), prefix_ids=prefix_ids,
+                                         prefix_lengths=prefix_lengths)
     return dq, dk, dv, dpk, dpv

@@ -9,12 +9,16 @@ Name chain::
 
 Every backend module exposes the same two launchers::
 
-    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap) -> (out, lse)
+    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap,
+                    prefix_ids=None, prefix_lengths=None) -> (out, lse)
     prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
-                    need_dq, need_dkv, need_dprefix) -> (dq, dk, dv, dprefix_k, dprefix_v)
+                    need_dq, need_dkv, need_dprefix, prefix_ids=None, prefix_lengths=None)
+                    -> (dq, dk, dv, dprefix_k, dprefix_v)
 
 with ``attention_mask`` either None or a bool ``[batch, len_k]`` tensor, ``softmax_scale`` a float, ``softcap``
-a float (0 = no capping, the plain code path; else scores ``s -> softcap * tanh(s / softcap)``), ``lse``
+a float (0 = no capping, the plain code path; else scores ``s -> softcap * tanh(s / softcap)``), ``prefix_ids``
+None (``prefix_k`` is ``[Hkv, P, D]``) or an int tensor ``[batch]`` (``prefix_k`` is a bank ``[N, Hkv, P, D]``),
+``prefix_lengths`` None or an int tensor ``[N]``, ``lse``
 a float32 ``[batch, heads_q, len_q]`` natural-log log-sum-exp (+inf where a query sees no key), and
 gradients the unneeded ones of which may be None.
 """
@@ -41,8 +45,10 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0) -> None:
-    """Raise TypeError/ValueError naming the argument and the expected shape."""
+def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0, prefix_ids=None,
+                  prefix_lengths=None) -> None:
+    """Raise TypeError/ValueError naming the argument and the expected shape (values of prefix_ids and
+    prefix_lengths are checked by _check_bank_values, inside the op, where reading them cannot break a graph)."""
     named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -52,12 +58,22 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, so
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads_kv, len_k, head_dim] (rank 4), got shape {_shape(t)}")
+    bank = prefix_ids is not None
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if t.dim() != 3:
+        if bank and t.dim() != 4:
+            raise ValueError(f"with prefix_ids, {name} must be a bank [num_entries, heads_kv, num_prefix, head_dim] "
+                             f"(rank 4), got shape {_shape(t)}")
+        if not bank and t.dim() == 4:
+            raise ValueError(f"{name} has rank 4 (a bank [num_entries, heads_kv, num_prefix, head_dim], shape "
+                             f"{_shape(t)}): pass prefix_ids [batch] to say which entry each row uses")
+        if not bank and t.dim() != 3:
             raise ValueError(
                 f"{name} must be [heads_kv, num_prefix, head_dim] (rank 3, shared by every batch row), "
                 f"got shape {_shape(t)}"
             )
+    if prefix_lengths is not None and not bank:
+        raise ValueError("prefix_lengths needs prefix_ids and a bank prefix [num_entries, heads_kv, num_prefix, "
+                         "head_dim]")
     batch, heads_q, len_q, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape [batch, heads_kv, len_k, head_dim], "
@@ -78,9 +94,25 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, so
                          f"the last len_q text positions")
     if head_dim == 0:
         raise ValueError("head_dim (q.shape[3]) must be >= 1")
-    if prefix_k.shape[0] != heads_kv or prefix_k.shape[2] != head_dim:
-        raise ValueError(f"prefix_k must be [heads_kv={heads_kv}, num_prefix, head_dim={head_dim}], "
+    if prefix_k.shape[-3] != heads_kv or prefix_k.shape[-1] != head_dim:
+        lead = "num_entries, " if bank else ""
+        raise ValueError(f"prefix_k must be [{lead}heads_kv={heads_kv}, num_prefix, head_dim={head_dim}], "
                          f"got shape {_shape(prefix_k)}")
+    if bank:
+        entries = prefix_k.shape[0]
+        for name, t, shape in (("prefix_ids", prefix_ids, f"[batch={batch}]"),
+                               ("prefix_lengths", prefix_lengths, f"[num_entries={entries}]")):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be an integer torch.Tensor {shape}, got {type(t).__name__}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be an int32 or int64 tensor {shape}, got dtype {t.dtype}")
+            want = batch if name == "prefix_ids" else entries
+            if tuple(t.shape) != (want,):
+                raise ValueError(f"{name} must be {shape}, got shape {_shape(t)}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     for name, t in named:
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -106,6 +138,23 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, so
         raise TypeError(f"softcap must be a float (0.0 = no capping), got {type(softcap).__name__}")
     if not (softcap >= 0 and softcap < float("inf")):
         raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap}")
+
+
+def _check_bank_values(prefix_k, prefix_ids, prefix_lengths) -> None:
+    """Values of prefix_ids (in [0, num_entries)) and prefix_lengths (in [0, num_prefix]); one host sync each."""
+    if prefix_ids is None:
+        return
+    entries, num_prefix = prefix_k.shape[0], prefix_k.shape[2]
+    if prefix_ids.numel():
+        lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
+        if lo < 0 or hi >= entries:
+            raise ValueError(f"prefix_ids must be in [0, num_entries={entries}) (prefix_k.shape[0]), got values "
+                             f"from {lo} to {hi}")
+    if prefix_lengths is not None and prefix_lengths.numel():
+        lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
+        if lo < 0 or hi > num_prefix:
+            raise ValueError(f"prefix_lengths must be in [0, num_prefix={num_prefix}] (prefix_k.shape[2]), got "
+                             f"values from {lo} to {hi}")
 
 
 def _triton_interpreting() -> bool:
@@ -194,14 +243,18 @@ def _backend_module(name: str):
 # implementations below), and the same code path in eager mode.
 @torch.library.custom_op("prefix_attn::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-            attention_mask: Optional[torch.Tensor], causal: bool, softmax_scale: float, softcap: float,
+            attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
+            prefix_lengths: Optional[torch.Tensor], causal: bool, softmax_scale: float, softcap: float,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_bank_values(prefix_k, prefix_ids, prefix_lengths)
     return _backend_module(backend).prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal,
-                                                    softmax_scale, softcap)
+                                                    softmax_scale, softcap, prefix_ids=prefix_ids,
+                                                    prefix_lengths=prefix_lengths)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend):
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale, softcap,
+      backend):
     # the CPU kernel keeps lse in float64 for float64 inputs (gradcheck precision); float32 everywhere else
     lse_dtype = torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
@@ -209,19 +262,21 @@ def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softca
 
 @torch.library.custom_op("prefix_attn::bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-            prefix_v: torch.Tensor, attention_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-            causal: bool, softmax_scale: float, softcap: float, backend: str, need_dq: bool, need_dkv: bool,
+            prefix_v: torch.Tensor, attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
+            prefix_lengths: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
+            softmax_scale: float, softcap: float, backend: str, need_dq: bool, need_dkv: bool,
             need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backend_module(backend).prefix_attn_bwd(
         dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
-        need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix)
+        need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids,
+        prefix_lengths=prefix_lengths)
     # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap, backend,
-      need_dq, need_dkv, need_dprefix):
+def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, causal,
+      softmax_scale, softcap, backend, need_dq, need_dkv, need_dprefix):
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
     return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
@@ -232,22 +287,24 @@ class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention with a fused backward. Not for direct use: call ``prefix_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend):
-        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, backend)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale,
+                softcap, backend):
+        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal,
+                           softmax_scale, softcap, backend)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths)
         ctx.causal, ctx.softmax_scale, ctx.softcap, ctx.backend = causal, softmax_scale, softcap, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix_k, prefix_v, out, lse, attention_mask = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = _bwd_op(
-            dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, ctx.causal, ctx.softmax_scale,
-            ctx.softcap, ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
+            dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, ctx.causal,
+            ctx.softmax_scale, ctx.softcap, ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
         )
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None, None)
+                dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 7
 
 
 def prefix_attention(
@@ -261,19 +318,26 @@ def prefix_attention(
     softmax_scale: Optional[float] = None,
     attention_mask: Optional[torch.Tensor] = None,
     softcap: float = 0.0,
+    prefix_ids: Optional[torch.Tensor] = None,
+    prefix_lengths: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Attention over a shared prefix K/V block plus the text K/V, without expanding the prefix.
+    """Attention over a shared prefix K/V block (or one entry of a bank per row) plus the text K/V, without
+    expanding the prefix.
 
     Args:
         q:              ``[batch, heads_q, len_q, head_dim]``
         k, v:           ``[batch, heads_kv, len_k, head_dim]``; ``heads_q % heads_kv == 0``; ``len_q <= len_k``
-        prefix_k/v:     ``[heads_kv, P, head_dim]``, read in place for every batch row; ``P`` may be 0
+        prefix_k/v:     ``[heads_kv, P, head_dim]``, read in place for every batch row; ``P`` may be 0;
+                        with ``prefix_ids`` a bank ``[N, heads_kv, P, head_dim]``, also read in place
         causal:         text query ``i`` (text position ``len_k - len_q + i``) sees text keys ``j <= len_k - len_q + i``
         softmax_scale:  default ``head_dim ** -0.5``
         attention_mask: ``[batch, len_k]`` bool or 0/1 int, 1 = text key visible; prefix slots are always visible
         softcap:        > 0 caps every score (prefix and text) as ``softcap * tanh(score / softcap)`` before the
                         softmax (flash-attention's ``softcap``, Gemma 2's ``attn_logit_softcapping``); 0 = off
+        prefix_ids:     int ``[batch]`` with values in ``[0, N)``: row ``b`` sees bank entry ``prefix_ids[b]`` only
+        prefix_lengths: int ``[N]``, ``0 <= prefix_lengths[n] <= P``: entry ``n`` has its first
+                        ``prefix_lengths[n]`` slots only (the rest are invisible and get zero gradient)
         backend:        None (CUDA -> "triton", CPU -> "cpu" if built else "torch"), or force one of those
 
     Returns:
@@ -288,21 +352,25 @@ def prefix_attention(
 
     With ``len_q < len_k`` (decoding) the queries are the last rows of that picture (bottom-right
     aligned). A query that sees no key at all (``P == 0`` and fully padded) outputs zeros.
-    Gradients flow to all five tensors; the prefix gradients are summed over the batch rows.
+    Gradients flow to all five tensors; the prefix gradients are summed over the batch rows (with a bank:
+    each entry's gradient over the rows that chose it, zero for entries no row chose), deterministically.
     """
-    _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap)
+    _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths)
     backend = _pick_backend(q, backend)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     mask = None if attention_mask is None else attention_mask.to(torch.bool)
     if backend == "torch" or q.shape[2] == 0:
+        if not torch.compiler.is_compiling():
+            _check_bank_values(prefix_k, prefix_ids, prefix_lengths)
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=bool(causal), softmax_scale=scale,
-                                          attention_mask=mask, softcap=float(softcap))
+                                          attention_mask=mask, softcap=float(softcap), prefix_ids=prefix_ids,
+                                          prefix_lengths=prefix_lengths)
     if backend == "triton":
         if head_dim > TRITON_MAX_HEAD_DIM:
             raise ValueError(f"head_dim={head_dim} (q.shape[3]) is above the Triton kernels' limit of "
                              f"{TRITON_MAX_HEAD_DIM}")
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
-    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, bool(causal), scale, float(softcap),
-                                         backend)
+    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths,
+                                         bool(causal), scale, float(softcap), backend)

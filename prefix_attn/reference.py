@@ -5,6 +5,8 @@ Shapes, used everywhere in the package::
     q:              [batch, heads_q,  len_q, head_dim]
     k, v:           [batch, heads_kv, len_k, head_dim]     heads_q % heads_kv == 0, len_q <= len_k
     prefix_k/v:     [heads_kv, P, head_dim]                shared by every batch row, P may be 0
+                    or a bank [N, heads_kv, P, head_dim] with prefix_ids [B] (row b sees entry prefix_ids[b])
+                    and optional prefix_lengths [N] (entry n has its first prefix_lengths[n] slots only)
     attention_mask: [batch, len_k] bool / 0-1 int         1 = text key visible (prefix always visible)
     out:            [batch, heads_q, len_q, head_dim]
     lse:            [batch, heads_q, len_q]  float32/64, natural log; -inf where a query sees no key
@@ -30,11 +32,13 @@ def visible_mask(
     causal: bool = True,
     attention_mask: Optional[torch.Tensor] = None,
     device=None,
+    row_prefix_lengths: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Which keys each query sees, over ``[prefix | text]``.
 
     Returns a bool tensor ``[batch or 1, 1, len_q, num_prefix + len_k]``. Query ``i`` sits at text
-    position ``len_k - len_q + i`` (bottom-right alignment) and sees every prefix slot, plus text key
+    position ``len_k - len_q + i`` (bottom-right alignment) and sees every prefix slot (or, with
+    ``row_prefix_lengths [batch]``, the first ``row_prefix_lengths[b]`` of them), plus text key
     ``j`` when ``j <= len_k - len_q + i`` (if ``causal``) and ``attention_mask[b, j]`` (if given).
     """
     if attention_mask is not None:
@@ -48,6 +52,10 @@ def visible_mask(
     if attention_mask is not None:
         text = text & attention_mask.to(torch.bool)[:, None, None, :]
     prefix = torch.ones(text.shape[0], 1, len_q, num_prefix, dtype=torch.bool, device=device)
+    if row_prefix_lengths is not None:
+        slots = torch.arange(num_prefix, device=device) < row_prefix_lengths.to(device)[:, None]  # [B, P]
+        prefix = slots[:, None, None, :].expand(-1, 1, len_q, -1)
+        text = text.expand(prefix.shape[0], -1, -1, -1)
     return torch.cat([prefix, text], dim=-1)
 
 
@@ -62,10 +70,16 @@ def prefix_attention_reference(
     softmax_scale: Optional[float] = None,
     attention_mask: Optional[torch.Tensor] = None,
     softcap: float = 0.0,
+    prefix_ids: Optional[torch.Tensor] = None,
+    prefix_lengths: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
 ):
     """Expand + concat + masked softmax, differentiable by PyTorch autograd.
+
+    With ``prefix_ids [B]`` the prefix is a bank ``[N, Hkv, P, D]`` and row ``b`` uses entry ``prefix_ids[b]``
+    (gathered here, so the bank's gradient is the sum over the rows that chose each entry);
+    ``prefix_lengths [N]`` hides the slots of entry ``n`` from ``prefix_lengths[n]`` on.
 
     ``softcap > 0`` caps every score (prefix and text): ``s -> softcap * tanh(s / softcap)`` before the
     softmax, as flash-attention and Gemma 2 do; 0 leaves the scores as they are.
@@ -76,14 +90,23 @@ def prefix_attention_reference(
     """
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
-    num_prefix = prefix_k.shape[1]
+    num_prefix = prefix_k.shape[-2]
     group = heads_q // heads_kv
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
 
+    row_lengths = None
+    if prefix_ids is not None:
+        ids = prefix_ids.to(device=prefix_k.device, dtype=torch.long)
+        if prefix_lengths is not None:
+            row_lengths = prefix_lengths.to(device=q.device, dtype=torch.long)[ids.to(q.device)]
+
     def full(prefix: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        expanded = prefix.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, Hkv, P, D]
+        if prefix_ids is not None:
+            expanded = prefix[ids]  # [B, Hkv, P, D], a gather: its backward sums the rows of each entry
+        else:
+            expanded = prefix.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, Hkv, P, D]
         kv = torch.cat([expanded.to(compute_dtype), text.to(compute_dtype)], dim=2)
         return kv.repeat_interleave(group, dim=1) if group > 1 else kv  # [B, Hq, P+Tk, D]
 
@@ -92,7 +115,8 @@ def prefix_attention_reference(
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
     allowed = visible_mask(
-        len_q, len_k, num_prefix, causal=causal, attention_mask=attention_mask, device=q.device
+        len_q, len_k, num_prefix, causal=causal, attention_mask=attention_mask, device=q.device,
+        row_prefix_lengths=row_lengths,
     )
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -30,6 +30,9 @@ class Case:
     causal: bool = True
     masked: bool = False  # left padding through attention_mask
     softcap: float = 0.0  # > 0: scores capped as softcap * tanh(s / softcap)
+    entries: int = 0  # > 0: a bank of this many prefixes, one chosen per row (prefix_ids)
+    ids: str = "random"  # with a bank: "random" (some entries unused), "same" (every row on one), "distinct"
+    lengths: bool = False  # with a bank: random per-entry lengths in [0, P] (prefix_lengths)
 
     @property
     def heads_q(self) -> int:
@@ -38,7 +41,8 @@ class Case:
     def __str__(self) -> str:
         return (f"B{self.batch}-Hq{self.heads_q}-Hkv{self.heads_kv}-Tq{self.len_q}-Tk{self.len_k}"
                 f"-P{self.num_prefix}-D{self.head_dim}-{'causal' if self.causal else 'full'}"
-                f"{'-mask' if self.masked else ''}{f'-cap{self.softcap:g}' if self.softcap else ''}")
+                f"{'-mask' if self.masked else ''}{f'-cap{self.softcap:g}' if self.softcap else ''}"
+                f"{f'-bank{self.entries}-{self.ids}' if self.entries else ''}{'-len' if self.lengths else ''}")
 
 
 # Odd lengths on purpose: 1, 17, 75, 113; P = 0, 1, odd, larger than a block; every GQA ratio in {1, 2, 4};
@@ -67,6 +71,18 @@ SOFTCAP_GRID = [
     Case(2, 1, 4, 17, 17, 0, 16, causal=False, masked=True, softcap=1.0),
 ]
 
+# A bank of prefixes, one per row: unused entries, every row on one entry, distinct entries, per-entry lengths
+# (0 and P included), P = 0 and 1, GQA, padding, softcap, decoding.
+BANK_GRID = [
+    Case(3, 2, 1, 17, 17, 5, 16, entries=4),
+    Case(4, 1, 2, 1, 1, 3, 16, entries=2, ids="same"),
+    Case(2, 2, 2, 75, 75, 7, 64, masked=True, entries=3, lengths=True),
+    Case(3, 1, 4, 17, 40, 17, 24, causal=False, entries=3, ids="distinct", lengths=True),
+    Case(2, 1, 1, 5, 75, 40, 32, entries=5, lengths=True, softcap=2.5),
+    Case(2, 1, 2, 17, 17, 0, 16, entries=2),
+    Case(3, 2, 1, 13, 20, 1, 16, masked=True, entries=3, lengths=True),
+]
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Floors, relative to max(1, |reference|): what rounding of the inputs alone can cost.
@@ -92,8 +108,9 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
     q = rnd(case.batch, case.heads_q, case.len_q, case.head_dim)
     k = rnd(case.batch, case.heads_kv, case.len_k, case.head_dim)
     v = rnd(case.batch, case.heads_kv, case.len_k, case.head_dim)
-    pk = rnd(case.heads_kv, case.num_prefix, case.head_dim)
-    pv = rnd(case.heads_kv, case.num_prefix, case.head_dim)
+    lead = (case.entries,) if case.entries else ()
+    pk = rnd(*lead, case.heads_kv, case.num_prefix, case.head_dim)
+    pv = rnd(*lead, case.heads_kv, case.num_prefix, case.head_dim)
     dout = rnd(case.batch, case.heads_q, case.len_q, case.head_dim)
     mask = None
     if case.masked:
@@ -102,6 +119,27 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
         pad[0] = 0
         mask = (torch.arange(case.len_k)[None, :] >= pad[:, None]).to(device)
     return q, k, v, pk, pv, mask, dout
+
+
+def make_bank_args(case: Case, device="cpu", seed: int = 0) -> dict:
+    """prefix_ids [B] (and prefix_lengths [N]) for a bank case; {} for a shared prefix."""
+    if not case.entries:
+        return {}
+    gen = torch.Generator().manual_seed(seed + 7)
+    if case.ids == "same":
+        ids = torch.full((case.batch,), case.entries - 1, dtype=torch.long)
+    elif case.ids == "distinct":
+        ids = torch.randperm(case.entries, generator=gen)[: case.batch]
+    else:
+        ids = torch.randint(0, case.entries, (case.batch,), generator=gen)
+    out = {"prefix_ids": ids.to(device)}
+    if case.lengths:
+        lengths = torch.randint(0, case.num_prefix + 1, (case.entries,), generator=gen)
+        lengths[ids[0]] = case.num_prefix  # the full length and an empty entry, both in use
+        if case.batch > 1 and ids[1] != ids[0]:
+            lengths[ids[1]] = 0
+        out["prefix_lengths"] = lengths.to(device=device, dtype=torch.int32)
+    return out
 
 
 def run_with_grads(fn: Callable, q, k, v, pk, pv, mask, dout, causal: bool, requires=(True,) * 5):
@@ -113,23 +151,27 @@ def run_with_grads(fn: Callable, q, k, v, pk, pv, mask, dout, causal: bool, requ
     return out.detach(), tuple(None if t.grad is None else t.grad.detach() for t in leaves)
 
 
-def reference_fn(compute_dtype: Optional[torch.dtype], softcap: float = 0.0):
+def reference_fn(compute_dtype: Optional[torch.dtype], softcap: float = 0.0, **bank):
     def fn(q, k, v, pk, pv, *, causal, attention_mask):
         return prefix_attention_reference(q, k, v, pk, pv, causal=causal, attention_mask=attention_mask,
-                                          softcap=softcap, compute_dtype=compute_dtype)
+                                          softcap=softcap, compute_dtype=compute_dtype, **bank)
     return fn
 
 
 def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
     """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
     q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+    bank = make_bank_args(case, device, seed)
     if case.softcap:
         fn = functools.partial(fn, softcap=case.softcap)
+    if bank:
+        fn = functools.partial(fn, **bank)
     out, grads = run_with_grads(fn, q, k, v, pk, pv, mask, dout, case.causal)
     as64 = [t.double() for t in (q, k, v, pk, pv, dout)]
-    ref, ref_grads = run_with_grads(reference_fn(torch.float64, case.softcap), *as64[:5], mask, as64[5],
+    ref, ref_grads = run_with_grads(reference_fn(torch.float64, case.softcap, **bank), *as64[:5], mask, as64[5],
                                     case.causal)
-    low, low_grads = run_with_grads(reference_fn(dtype, case.softcap), q, k, v, pk, pv, mask, dout, case.causal)
+    low, low_grads = run_with_grads(reference_fn(dtype, case.softcap, **bank), q, k, v, pk, pv, mask, dout,
+                                    case.causal)
     assert out.shape == ref.shape and out.dtype == dtype
     for i, (name, got, want, plain) in enumerate(zip(NAMES, (out,) + grads, (ref,) + ref_grads,
                                                      (low,) + low_grads)):

@@ -26,7 +26,8 @@ def call(**overrides):
 @pytest.mark.parametrize("overrides,exc,pattern", [
     (dict(q=torch.randn(2, 4, 8)), ValueError, r"q must be \[batch, heads_q, len_q, head_dim\] \(rank 4\)"),
     (dict(k=torch.randn(2, 2, 7)), ValueError, r"k must be \[batch, heads_kv, len_k, head_dim\]"),
-    (dict(prefix_k=torch.randn(1, 2, 3, 8)), ValueError, r"prefix_k must be \[heads_kv, num_prefix, head_dim\]"),
+    (dict(prefix_k=torch.randn(1, 2, 3, 8)), ValueError, r"prefix_k has rank 4 \(a bank .* pass prefix_ids"),
+    (dict(prefix_k=torch.randn(2, 3)), ValueError, r"prefix_k must be \[heads_kv, num_prefix, head_dim\]"),
     (dict(v=torch.randn(2, 2, 6, 8)), ValueError, r"k and v must have the same shape"),
     (dict(prefix_v=torch.randn(2, 4, 8)), ValueError, r"prefix_k and prefix_v must have the same shape"),
     (dict(k=torch.randn(3, 2, 7, 8), v=torch.randn(3, 2, 7, 8)), ValueError, r"k must be \[batch=2"),

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from prefix_grid import SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
+from prefix_grid import BANK_GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
 
 import prefix_attn
 from prefix_attn.reference import prefix_attention_reference
@@ -34,6 +34,12 @@ def test_grid(case, dtype):
 @needs_triton
 @pytest.mark.parametrize("case,dtype", grid_params(SOFTCAP_GRID))
 def test_softcap_grid(case, dtype):
+    check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
+
+
+@needs_triton
+@pytest.mark.parametrize("case,dtype", grid_params(BANK_GRID))
+def test_bank_grid(case, dtype):
     check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
 
 

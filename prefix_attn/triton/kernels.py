@@ -3,7 +3,12 @@
 Layout (strides are passed for every tensor, so non-contiguous views are read in place)::
 
     Q, DO, O:   [B, Hq,  Tq, D]        K, V:     [B, Hkv, Tk, D]
-    PK, PV:     [Hkv, P, D]            MASK:     [B, Tk] uint8 (1 = visible)
+    PK, PV:     [N, Hkv, P, D]         MASK:     [B, Tk] uint8 (1 = visible)
+    IDS:        [B] int32 (HAS_IDS)    LENS:     [N] int32 (HAS_LENS)
+
+The prefix is a bank of N entries (N = 1 and stride 0 for a shared prefix): row ``b`` reads entry
+``IDS[b]`` (0 without HAS_IDS) and its first ``LENS[entry]`` slots (P without HAS_LENS), a two-number per-row
+descriptor that the forward and dQ loops read once.
     LSE, DELTA: [B, Hq, Tq] float32, contiguous
 
 Softmax runs in base 2 (scores are multiplied by softmax_scale * log2(e) in the same FMA that subtracts the
@@ -94,6 +99,18 @@ def _store(base, rows, offs_d, stride_r, stride_d, x, rows_ok, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _row_prefix(IDS, LENS, b, P, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(entry, number of visible slots) of batch row b."""
+    e = 0
+    if HAS_IDS:
+        e = tl.load(IDS + b).to(tl.int64)
+    n = P
+    if HAS_LENS:
+        n = tl.load(LENS + e)
+    return e, n
+
+
+@triton.jit
 def _causal_bounds(start_m, Tk, DIAG, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of a query block [start_m, start_m + BLOCK_M): keys [0, full_hi) need no causal or range mask
     (whole BLOCK_N blocks), keys [full_hi, hi) are the diagonal blocks and the ragged tail."""
@@ -135,16 +152,17 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out,
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    Q, K, V, PK, PV, MASK, O, LSE,
+    Q, K, V, PK, PV, MASK, IDS, LENS, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pke, stride_pkh, stride_pkn, stride_pkd,
+    stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, Tq, Tk, P, qk_scale, cap_in, cap_out,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -168,9 +186,10 @@ def _prefix_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # prefix: one shared copy per kv head, visible to every query; only the ragged end is masked
-    pk_base = PK + hk * stride_pkh
-    pv_base = PV + hk * stride_pvh
+    # prefix: this row's entry, read in place, visible to every query; only the ragged end is masked
+    e, P = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
+    pk_base = PK + e * stride_pke + hk * stride_pkh
+    pv_base = PV + e * stride_pve + hk * stride_pvh
     p_full = P // BLOCK_N * BLOCK_N
     for start_n in range(0, p_full, BLOCK_N):
         k = _load_t(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, rows_n,
@@ -374,36 +393,54 @@ def _prefix_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _prefix_attn_bwd_dprefix_kernel(
-    Q, PK, PV, DO, LSE, DELTA, DPK, DPV,
+    Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, DPK, DPV,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pke, stride_pkh, stride_pkn, stride_pkd,
+    stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, UNITS, UNITS_PER_SPLIT,
-    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, UNITS, UNITS_PER_SPLIT, SPLITS,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Prefix dK/dV, split for parallelism: one program per (prefix block from N_START, kv head, split).
+    """Prefix dK/dV, split for parallelism: one program per (prefix block from N_START, kv head, used entry u and
+    split s); program_id(2) = u * SPLITS + s.
 
-    The work for a kv head is UNITS = B * GROUP * cdiv(Tq, BLOCK_M) query blocks; split s takes units
-    [s * UNITS_PER_SPLIT, (s + 1) * UNITS_PER_SPLIT) and writes float32 partials DPK/DPV[s, hk, P, HEAD_DIM]
-    (contiguous), which _prefix_attn_reduce_kernel sums in a fixed order: deterministic, no atomics.
-    Every query sees every prefix slot, so no step is masked."""
+    Shared prefix (no HAS_IDS): one entry, all B rows. Bank: entry u is ENTRY[u] and its rows are
+    ROWS[ROW_START[u] : ROW_START[u] + ROW_COUNT[u]] (the batch rows sorted by entry). The work of (u, kv head) is
+    ROW_COUNT[u] * GROUP * cdiv(Tq, BLOCK_M) query blocks; split s takes units [s * UNITS_PER_SPLIT, ...) and writes
+    float32 partials DPK/DPV[s, u, hk, P, HEAD_DIM] (contiguous), which _prefix_attn_reduce_kernel sums in a fixed
+    order: deterministic, no atomics. Every query sees every visible slot, so no step is masked; slots past the
+    entry's length (HAS_LENS) are written as zeros."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    u_entry = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     offs_n = N_START + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < P
-    k = _load(PK + hk * stride_pkh, offs_n, offs_d, stride_pkn, stride_pkd, n_valid, HEAD_DIM, BLOCK_D, True)
-    v = _load(PV + hk * stride_pvh, offs_n, offs_d, stride_pvn, stride_pvd, n_valid, HEAD_DIM, BLOCK_D, True)
+    e = 0
+    row_start = 0
+    units = UNITS
+    if HAS_IDS:
+        e = tl.load(ENTRY + u_entry).to(tl.int64)
+        row_start = tl.load(ROW_START + u_entry)
+        units = tl.load(ROW_COUNT + u_entry) * (GROUP * tl.cdiv(Tq, BLOCK_M))
+    k = _load(PK + e * stride_pke + hk * stride_pkh, offs_n, offs_d, stride_pkn, stride_pkd, n_valid,
+              HEAD_DIM, BLOCK_D, True)
+    v = _load(PV + e * stride_pve + hk * stride_pvh, offs_n, offs_d, stride_pvn, stride_pvd, n_valid,
+              HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     num_m = tl.cdiv(Tq, BLOCK_M)
     u_lo = split * UNITS_PER_SPLIT
-    u_hi = tl.minimum(UNITS, u_lo + UNITS_PER_SPLIT)
+    u_hi = tl.minimum(units, u_lo + UNITS_PER_SPLIT)
+    if HAS_LENS:  # a block wholly past the entry's length has zero gradient: skip its work
+        if N_START + pid_n * BLOCK_N >= tl.load(LENS + e):
+            u_hi = u_lo
     for u in range(u_lo, u_hi):
         b = (u // (GROUP * num_m)).to(tl.int64)
+        if HAS_IDS:
+            b = tl.load(ROWS + row_start + b).to(tl.int64)
         rem = u % (GROUP * num_m)
         h = hk * GROUP + rem // num_m
         start_m = (rem % num_m) * BLOCK_M
@@ -413,24 +450,34 @@ def _prefix_attn_bwd_dprefix_kernel(
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
                               False, PRECISION, SOFTCAP)
-    out_base = (split * HKV + hk) * P * HEAD_DIM
+    if HAS_LENS:  # invisible slots: exactly zero
+        visible = (offs_n < tl.load(LENS + e))[:, None]
+        dk = tl.where(visible, dk, 0.0)
+        dv = tl.where(visible, dv, 0.0)
+    n_used = tl.num_programs(2) // SPLITS
+    out_base = ((split * n_used + u_entry) * HKV + hk) * P * HEAD_DIM
     _store(DPK + out_base, offs_n, offs_d, HEAD_DIM, 1, dk * sm_scale, n_valid, HEAD_DIM, BLOCK_D)
     _store(DPV + out_base, offs_n, offs_d, HEAD_DIM, 1, dv, n_valid, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, SPLITS, NUMEL, BLOCK: tl.constexpr):
+def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, PER_ENTRY,
+                               HAS_IDS: tl.constexpr, BLOCK: tl.constexpr):
     """DPK/DPV[i] = sum over s = 0, 1, ... of the float32 partials [SPLITS, NUMEL], cast to the output dtype:
-    one launch for both gradients, a fixed summation order."""
+    one launch for both gradients, a fixed summation order. With HAS_IDS the NUMEL = U * PER_ENTRY elements are U
+    used entries, written to the bank rows ENTRY[u] (the other rows of the zero-filled bank gradient stay zero)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
+    dest = offs
+    if HAS_IDS:
+        dest = tl.load(ENTRY + offs // PER_ENTRY, mask=ok, other=0).to(tl.int64) * PER_ENTRY + offs % PER_ENTRY
     acc_k = tl.zeros([BLOCK], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
         acc_k += tl.load(PART_K + s * NUMEL + offs, mask=ok, other=0.0)
         acc_v += tl.load(PART_V + s * NUMEL + offs, mask=ok, other=0.0)
-    tl.store(DPK + offs, acc_k.to(DPK.dtype.element_ty), mask=ok)
-    tl.store(DPV + offs, acc_v.to(DPV.dtype.element_ty), mask=ok)
+    tl.store(DPK + dest, acc_k.to(DPK.dtype.element_ty), mask=ok)
+    tl.store(DPV + dest, acc_v.to(DPV.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -455,20 +502,21 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
 
 @triton.jit
 def _prefix_attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pke, stride_pkh, stride_pkn, stride_pkd,
+    stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, Tq, Tk, P, qk_scale, sm_scale, cap_in, cap_out,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ: one program per (query block, b * Hq), over the prefix blocks then the visible text blocks.
+    """dQ: one program per (query block, b * Hq), over the row's prefix blocks then the visible text blocks.
 
     Key rows past the end and padded keys are loaded as zeros (no mask); only the diagonal blocks are masked."""
     pid_m = tl.program_id(0)
@@ -490,8 +538,9 @@ def _prefix_attn_bwd_dq_kernel(
                                           HEAD_DIM, BLOCK_M, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    pk_base = PK + hk * stride_pkh
-    pv_base = PV + hk * stride_pvh
+    e, P = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
+    pk_base = PK + e * stride_pke + hk * stride_pkh
+    pv_base = PV + e * stride_pve + hk * stride_pvh
     for start_n in range(0, P, BLOCK_N):
         in_range = start_n + rows_n < P
         k = _load(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, in_range,

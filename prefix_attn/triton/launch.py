@@ -71,17 +71,50 @@ def _on_device(t: torch.Tensor):
 
 
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float,
-                    softcap: float = 0.0):
+                    softcap: float = 0.0, prefix_ids=None, prefix_lengths=None):
     with _on_device(q):
-        return _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap)
+        bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
+        return _fwd(q, k, v, bank, attention_mask, causal, softmax_scale, softcap)
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
                     softmax_scale: float, softcap: float = 0.0, need_dq: bool = True, need_dkv: bool = True,
-                    need_dprefix: bool = True):
+                    need_dprefix: bool = True, prefix_ids=None, prefix_lengths=None):
     with _on_device(q):
-        return _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
+        bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
+        return _bwd(dout, q, k, v, bank, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix)
+
+
+class _Bank:
+    """The prefix as the kernels see it: a bank [N, Hkv, P, D] (a shared prefix is N = 1) and the per-row
+    descriptor tensors (int32 ids [B], lengths [N]), with dummies where a switch is off."""
+
+    def __init__(self, prefix_k, prefix_v, prefix_ids, prefix_lengths, q):
+        self.shared = prefix_ids is None
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+        self.k = prefix_k.unsqueeze(0) if self.shared else prefix_k
+        self.v = prefix_v.unsqueeze(0) if self.shared else prefix_v
+        self.entries, self.num_prefix = self.k.shape[0], self.k.shape[2]
+        self.ids = None if self.shared else prefix_ids.to(torch.int32).contiguous()
+        self.lengths = None if prefix_lengths is None else prefix_lengths.to(torch.int32).contiguous()
+        self.ids_arg = q if self.ids is None else self.ids
+        self.lengths_arg = q if self.lengths is None else self.lengths
+
+    def strides(self):
+        return (*self.k.stride(), *self.v.stride())
+
+    def flags(self):
+        return dict(HAS_IDS=not self.shared, HAS_LENS=self.lengths is not None)
+
+    def used_entries(self):
+        """(entry [U], row_start [U], row_count [U], rows [B]) int32: the entries some row chose, ascending, and
+        the batch rows grouped by entry (stable, so each entry's rows stay in batch order)."""
+        entry, inverse, count = torch.unique(self.ids, sorted=True, return_inverse=True, return_counts=True)
+        rows = torch.sort(inverse, stable=True).indices
+        start = torch.cumsum(count, 0) - count
+        return (entry.to(torch.int32), start.to(torch.int32), count.to(torch.int32), rows.to(torch.int32),
+                int(count.max()) if count.numel() else 0)
 
 
 def _softcap_args(softmax_scale: float, softcap: float):
@@ -91,10 +124,10 @@ def _softcap_args(softmax_scale: float, softcap: float):
     return 0.0, 0.0, False
 
 
-def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float, softcap: float):
+def _fwd(q, k, v, bank: _Bank, attention_mask, causal: bool, softmax_scale: float, softcap: float):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
-    num_prefix = prefix_k.shape[1]
+    num_prefix = bank.num_prefix
     _check_grid(batch, heads_q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
@@ -106,11 +139,10 @@ def _fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scal
     def run(cfg: tuning.Blocks):
         grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
         _prefix_attn_fwd_kernel[grid](
-            q, k, v, prefix_k, prefix_v, mask, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *mask_strides,
-            *out.stride(),
+            q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides, *out.stride(),
             heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
-            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap, **bank.flags(),
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=tuning.block_d(head_dim),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -142,11 +174,12 @@ def _prefix_pieces(num_prefix: int, block_max: int):
     return pieces
 
 
-def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap, need_dq,
+def _bwd(dout, q, k, v, bank: _Bank, attention_mask, out, lse, causal, softmax_scale, softcap, need_dq,
          need_dkv, need_dprefix):
+    prefix_k, prefix_v = bank.prefix_k, bank.prefix_v
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
-    num_prefix = prefix_k.shape[1]
+    num_prefix = bank.num_prefix
     group = heads_q // heads_kv
     _check_grid(batch, heads_q)
     if q.numel() == 0:  # nothing to propagate (batch or heads of 0): every gradient is zeros
@@ -156,8 +189,8 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
     dpk = dpv = None
-    if need_dprefix:  # written whole by the reduction; zeros where P = 0
-        make = torch.empty if num_prefix > 0 else torch.zeros
+    if need_dprefix:  # written whole by the reduction; zeros where P = 0 (and, in a bank, for unused entries)
+        make = torch.empty if num_prefix > 0 and bank.shared else torch.zeros
         dpk = make(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
         dpv = make(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
     mask, mask_strides, has_mask = _mask_args(attention_mask, q)
@@ -187,41 +220,50 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, so
             )
 
         run_dkdv(tuning.config("dkdv", q.dtype, head_dim, dims, q.device, run_dkdv))
-    if need_dprefix and num_prefix > 0:
+    if need_dprefix and num_prefix > 0 and (bank.shared or batch > 0):
+        if bank.shared:
+            entry = start_row = count = rows = q  # dummies: one entry, every row
+            used, max_rows = 1, batch
+        else:
+            entry, start_row, count, rows, max_rows = bank.used_entries()
+            used = entry.numel()
+
         def run_dprefix(cfg: tuning.Blocks):
-            units = batch * group * triton.cdiv(len_q, cfg.block_m)
+            units = max_rows * group * triton.cdiv(len_q, cfg.block_m)  # of the busiest entry
             pieces = _prefix_pieces(num_prefix, min(cfg.block_n, PREFIX_BLOCK_MAX))
-            programs = sum(n for _, _, n in pieces) * heads_kv
+            programs = sum(n for _, _, n in pieces) * heads_kv * used
             per_split = triton.cdiv(units, _prefix_splits(units, programs, q.device))
             splits = triton.cdiv(units, per_split)
-            partial_k = torch.empty((splits, heads_kv, num_prefix, head_dim), dtype=torch.float32, device=q.device)
+            partial_k = torch.empty((splits, used, heads_kv, num_prefix, head_dim), dtype=torch.float32,
+                                    device=q.device)
             partial_v = torch.empty_like(partial_k)
             for start, block_n, n_blocks in pieces:
-                _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, splits)](
-                    q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
-                    *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+                _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
+                    q, bank.k, bank.v, dout, lse, delta, rows, start_row, count, entry, bank.lengths_arg,
+                    partial_k, partial_v,
+                    *q.stride(), *bank.strides(), *dout.stride(),
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
-                    cap_in, cap_out, units, per_split,
+                    cap_in, cap_out, units, per_split, splits,
                     BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps if block_n > 32 else 4,
-                    num_stages=cfg.num_stages,
-                    **flags,
+                    num_stages=cfg.num_stages, **bank.flags(), **flags,
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
-            numel = heads_kv * num_prefix * head_dim
+            per_entry = heads_kv * num_prefix * head_dim
+            numel = used * per_entry
             reduce_block = 1024 if not _interpreting() else 256
             _prefix_attn_reduce_kernel[(triton.cdiv(numel, reduce_block),)](
-                partial_k, partial_v, dpk, dpv, splits, numel, BLOCK=reduce_block,
+                partial_k, partial_v, dpk, dpv, entry, splits, numel, per_entry, HAS_IDS=not bank.shared,
+                BLOCK=reduce_block,
             )
 
         run_dprefix(tuning.config("dprefix", q.dtype, head_dim, dims + (batch,), q.device, run_dprefix))
     if need_dq:
         def run_dq(cfg: tuning.Blocks):
             _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
-                q, k, v, prefix_k, prefix_v, dout, lse, delta, mask, dq,
-                *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-                *mask_strides, *dq.stride(),
+                q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, dq,
+                *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *dout.stride(), *mask_strides, *dq.stride(),
                 heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
-                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
 

@@ -112,13 +112,19 @@ def main(argv=None) -> int:
             k, v = torch.empty(B, Hkv, Tk, head_dim, dtype=dtype), torch.empty(B, Hkv, Tk, head_dim, dtype=dtype)
             pk, pv = torch.empty(Hkv, P, head_dim, dtype=dtype), torch.empty(Hkv, P, head_dim, dtype=dtype)
             mask = torch.ones(B, Tk, dtype=torch.bool)
-            for softcap in (0.0, 30.0):  # the plain kernels and the SOFTCAP=True specialisation
+            bank = dict(prefix_ids=torch.tensor([1, 0]), prefix_lengths=torch.tensor([P, P // 2]))
+            for softcap, extra in ((0.0, {}), (30.0, {}), (0.0, bank)):  # plain, SOFTCAP=True, bank with lengths
                 if softcap:
                     print(f"  softcap={softcap}")
+                if extra:
+                    print("  bank: prefix_ids, prefix_lengths")
+                bank_k = pk.unsqueeze(0).expand(2, -1, -1, -1) if extra else pk
+                bank_v = pv.unsqueeze(0).expand(2, -1, -1, -1) if extra else pv
                 try:
-                    out, lse = launch.prefix_attn_fwd(q, k, v, pk, pv, mask, True, head_dim**-0.5, softcap)
-                    launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, pk, pv, mask, out, lse, True,
-                                           head_dim**-0.5, softcap)
+                    out, lse = launch.prefix_attn_fwd(q, k, v, bank_k, bank_v, mask, True, head_dim**-0.5, softcap,
+                                                      **extra)
+                    launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, bank_k, bank_v, mask, out, lse, True,
+                                           head_dim**-0.5, softcap, **extra)
                 except Exception as exc:  # noqa: BLE001 - report every failing configuration
                     failures += 1
                     print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")

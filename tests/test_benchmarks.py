@@ -192,5 +192,31 @@ def test_train_step_benchmark_runs_tiny(tmp_path):
     assert any(f.startswith("train_step_") and f.endswith(".json") for f in os.listdir(tmp_path))
 
 
+def test_bank_benchmark_baseline_and_quick_run(capsys):
+    """gather + expand/concat + SDPA computes the bank op (float64, outputs and the bank gradient), and the
+    benchmark's quick run prints its table."""
+    bench = _load("bench_bank")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bank = [torch.randn(4, 2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ids = torch.tensor([3, 0, 3])
+    got = bench.gather_sdpa(q, k, v, *bank, ids)
+    want = prefix_attention_reference(q, k, v, *bank, prefix_ids=ids)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got.sum(), bank)
+    g2 = torch.autograd.grad(want.sum(), bank)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    from prefix_attn.ops import _cpu_status
+
+    if _cpu_status()[0] is None:
+        pytest.skip("the native CPU kernel is not built")
+    sys.argv = ["bench_bank.py", "--quick"]
+    bench.main()
+    out = capsys.readouterr().out
+    assert "bank-1 / shared" in out and "gather-sdpa / bank-B" in out
+    assert out.strip().splitlines()[-1].startswith("| 4 | 8 | 256 | 64 | 32 |")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -49,6 +49,8 @@ TILE_CASES = [
     (Case(1, 1, 4, 1, 300, 200, 64), torch.float16),  # decoding; P = 200: three 64-row tiles and a 16-row tail
     (Case(2, 1, 2, 129, 129, 0, 256), torch.bfloat16),
     (Case(1, 1, 1, 257, 257, 1, 128, masked=True), torch.bfloat16),
+    (Case(3, 1, 2, 150, 200, 70, 64, masked=True, entries=4, lengths=True), torch.float16),  # a bank
+    (Case(2, 2, 1, 130, 130, 40, 128, entries=2, ids="distinct"), torch.bfloat16),
 ]
 
 

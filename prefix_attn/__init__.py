@@ -17,6 +17,7 @@ __all__ = [
     "available_backends",
     "BACKENDS",
     "PrefixTuning",
+    "PrefixBank",
     "enable",
     "disable",
     "load_pretrained",
@@ -24,6 +25,7 @@ __all__ = [
 
 _LAZY = {
     "PrefixTuning": ("prefix_attn.prefix", "PrefixTuning"),
+    "PrefixBank": ("prefix_attn.bank", "PrefixBank"),
     "enable": ("prefix_attn.integrations.transformers", "enable"),
     "disable": ("prefix_attn.integrations.transformers", "disable"),
     "load_pretrained": ("prefix_attn.integrations.transformers", "load_pretrained"),

@@ -32,10 +32,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..bank import PrefixBank
 from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
 
 SUBMODULE = "prefix_attn"
 PREFIX_FILENAME = "prefix.safetensors"
+BANK_DIRNAME = "prefix_bank"
 _MISSING = object()
 _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
                     "CPT")
@@ -52,8 +54,12 @@ class _Binding:
     match the saved graph. Neither is ever pickled or deep-copied.
     """
 
-    def __init__(self, prefix: PrefixTuning, previous_attn, unfrozen: List[str], ignore_attention_dropout: bool):
+    def __init__(self, prefix, previous_attn, unfrozen: List[str], ignore_attention_dropout: bool):
         self.prefix = prefix
+        self.is_bank = isinstance(prefix, PrefixBank)
+        self.row_ids: Optional[torch.Tensor] = None  # a bank: this call's prefix_ids [B] (kept for recompute)
+        self.generate_ids: Optional[torch.Tensor] = None  # a bank inside generate(): the rows before expansion
+        self.in_call = False
         self.previous_attn = previous_attn
         self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
         self.ignore_attention_dropout = ignore_attention_dropout
@@ -65,9 +71,47 @@ class _Binding:
 
     def __getstate__(self) -> Dict:
         state = self.__dict__.copy()
-        state["kv"] = state["kv_after"] = None
+        state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = None
         state["depth"] = 0
+        state["in_call"] = False
         return state
+
+    def set_ids(self, prefix_ids, device) -> None:
+        """Take a call's ``prefix_ids`` (LongTensor [B], or a list of entry numbers / names)."""
+        if prefix_ids is None:
+            self.row_ids = None
+            return
+        if not self.is_bank:
+            raise ValueError("prefix_ids given, but this model is enabled with a single PrefixTuning; enable it "
+                             "with a prefix_attn.PrefixBank to choose a prefix per row")
+        self.row_ids = self.prefix.ids(prefix_ids, device=device)
+
+    def ids(self, batch: int) -> torch.Tensor:
+        if self.row_ids is None and self.generate_ids is not None:
+            rows = self.generate_ids.shape[0]
+            if rows and batch % rows == 0:  # generate() repeats each row for its beams / return sequences
+                return self.generate_ids.repeat_interleave(batch // rows)
+        if self.row_ids is None:
+            raise ValueError(f"this model is enabled with a PrefixBank ({len(self.prefix)} entries): pass "
+                             f"prefix_ids=... (a LongTensor [batch] or a list of entry names) to the call or to "
+                             f"generate()")
+        if self.row_ids.shape[0] != batch:
+            raise ValueError(f"prefix_ids has {self.row_ids.shape[0]} entries but the batch has {batch} rows "
+                             f"(with num_beams or num_return_sequences, pass prefix_ids as a tensor so generate() "
+                             f"expands it)")
+        return self.row_ids
+
+    def offsets(self, batch: int, device):
+        """The position shift of each row: its own prefix length (PEFT's, per adapter); an int for one prefix."""
+        if not self.is_bank:
+            return self.num_virtual_tokens
+        return self.prefix.lengths(device).long()[self.ids(batch).to(device)][:, None]
+
+    def bank_args(self, batch: int, device) -> Dict:
+        """prefix_ids / prefix_lengths for prefix_attention, {} for one prefix."""
+        if not self.is_bank:
+            return {}
+        return {"prefix_ids": self.ids(batch).to(device), "prefix_lengths": self.prefix.lengths(device)}
 
     def _versions(self):
         return tuple(p._version for p in self.prefix.parameters())
@@ -145,15 +189,18 @@ class _DecoderHooks:
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
         position_ids = kwargs.get("position_ids")
-        num_prefix = self.binding.num_virtual_tokens
         mask = kwargs.get("attention_mask")
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if "prefix_ids" in kwargs or not self.binding.in_call:  # the decoder called directly
+            self.binding.set_ids(kwargs.pop("prefix_ids", None), tokens.device)
+        # one prefix: P; a bank: each row's own entry length, [B, 1]
+        num_prefix = self.binding.offsets(tokens.shape[0], tokens.device)
         if position_ids is not None:
             # PEFT: the prefix occupies positions 0..P-1, so given positions are shifted by P
             kwargs["position_ids"] = position_ids + num_prefix
         else:
-            tokens = kwargs.get("input_ids")
-            if tokens is None:
-                tokens = kwargs.get("inputs_embeds")
             cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
             if self.mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -164,12 +211,32 @@ class _DecoderHooks:
             else:
                 # what the stock model does when position_ids is None, plus PEFT's shift by P
                 kwargs["position_ids"] = (torch.arange(tokens.shape[1], device=tokens.device)
-                                          + (past + num_prefix)).unsqueeze(0)
+                                          + past).unsqueeze(0) + num_prefix
         self.binding.begin_forward()  # once per forward, outside any checkpointed layer
         return args, kwargs
 
     def after(self, module, args, output):
         self.binding.end_forward()
+        return None
+
+
+class _CallHooks:
+    """Forward pre-hook and post-hook of the model itself: take ``prefix_ids`` out of the call's kwargs (the
+    model's own forward never sees it), so it reaches the decoder hook and the attention layers."""
+
+    def __init__(self, binding: _Binding):
+        self.binding = binding
+
+    def before(self, module, args, kwargs):
+        if self.binding.in_call:
+            return None
+        device = next(iter(module.parameters())).device
+        self.binding.set_ids(kwargs.pop("prefix_ids", None), device)
+        self.binding.in_call = True
+        return args, kwargs
+
+    def after(self, module, args, output):
+        self.binding.in_call = False
         return None
 
 
@@ -258,6 +325,11 @@ def is_enabled(model) -> bool:
 def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False):
     """Run ``model``'s attention through ``prefix_attention`` with ``prefix``; returns the same model object.
 
+    ``prefix`` may be a :class:`~prefix_attn.PrefixBank`: then every call names each row's entry,
+    ``model(..., prefix_ids=ids)`` / ``model.generate(..., prefix_ids=ids)`` (a LongTensor ``[batch]``, or a list
+    of entry numbers or names), and each row's positions are offset by its own entry's length, as PEFT would
+    with that adapter.
+
     Args:
         model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models,
                  ...), not a PEFT wrapper
@@ -272,8 +344,8 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     """
     from . import transformers as hf
 
-    if not isinstance(prefix, PrefixTuning):
-        raise TypeError(f"prefix must be a prefix_attn.PrefixTuning, got {type(prefix).__name__}")
+    if not isinstance(prefix, (PrefixTuning, PrefixBank)):
+        raise TypeError(f"prefix must be a prefix_attn.PrefixTuning or PrefixBank, got {type(prefix).__name__}")
     _refuse_peft(model)
     if is_enabled(model):
         disable(model)
@@ -323,11 +395,27 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
         m._prefix_attn_binding = binding
     binding.attention_modules = modules
     hooks = _DecoderHooks(binding, mask_positions)
-    binding.handles = [runner.register_forward_pre_hook(hooks.before, with_kwargs=True),
+    calls = _CallHooks(binding)
+    binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),
+                       model.register_forward_hook(calls.after, always_call=True),
+                       runner.register_forward_pre_hook(hooks.before, with_kwargs=True),
                        runner.register_forward_hook(hooks.after, always_call=True)]
     model._prefix_attn_binding = binding
     model.save_pretrained = functools.partial(save_pretrained, model)
+    if binding.is_bank and hasattr(model, "generate"):
+        model.generate = functools.partial(generate, model)
     return model
+
+
+def generate(model, *args, prefix_ids=None, **kwargs):
+    """``model.generate`` of a model enabled with a PrefixBank: ``prefix_ids`` (one per input row) is held for
+    the whole generation and repeated for each row's beams / return sequences, as generate() repeats the rows."""
+    binding = model._prefix_attn_binding
+    binding.generate_ids = None if prefix_ids is None else binding.prefix.ids(prefix_ids, device=model.device)
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        binding.generate_ids = None
 
 
 def _restore(model, binding: _Binding) -> None:
@@ -356,6 +444,7 @@ def disable(model):
     if getattr(model, SUBMODULE, None) is binding.prefix:
         delattr(model, SUBMODULE)
     model.__dict__.pop("save_pretrained", None)
+    model.__dict__.pop("generate", None)
     del model._prefix_attn_binding
     _restore(model, binding)
     binding.kv = None
@@ -369,7 +458,8 @@ def save_pretrained(model, save_directory, *args, is_main_process: bool = True, 
     result = type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process, **kwargs)
     if is_main_process:
         binding = model._prefix_attn_binding
-        binding.prefix.save(os.path.join(os.fspath(save_directory), PREFIX_FILENAME))
+        name = BANK_DIRNAME if binding.is_bank else PREFIX_FILENAME
+        binding.prefix.save(os.path.join(os.fspath(save_directory), name))
     return result
 
 
@@ -387,7 +477,8 @@ def load_pretrained(path, model_class=None, *, prefix_device=None, freeze_model:
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
     prefix_file = os.path.join(os.fspath(path), PREFIX_FILENAME)
-    if not os.path.isfile(prefix_file):
+    bank_dir = os.path.join(os.fspath(path), BANK_DIRNAME)
+    if not os.path.isfile(prefix_file) and not os.path.isdir(bank_dir):
         raise FileNotFoundError(f"{prefix_file} not found: {path} was not saved from a prefix_attn-enabled model")
     concrete = model_class
     mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: the class it will build
@@ -405,5 +496,8 @@ def load_pretrained(path, model_class=None, *, prefix_device=None, freeze_model:
         else:
             concrete._keys_to_ignore_on_load_unexpected = own
     device = next(iter(model.parameters())).device
-    prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
+    if os.path.isfile(prefix_file):
+        prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
+    else:
+        prefix = PrefixBank.load(bank_dir, device=prefix_device or device)
     return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout)

@@ -150,7 +150,7 @@ _NAMED_REFUSALS = {
 # plus what decoder layers forward; the packed-sequence ones among them are refused above when they carry a value
 _INERT = frozenset(set(getattr(TransformersKwargs, "__optional_keys__", ())) | {
     "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
-    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids",
+    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids", "prefix_ids",
 }) - set(_NAMED_REFUSALS) - {"is_causal"}
 
 
@@ -204,7 +204,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(torch.bool)
     out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
-                           softcap=float(softcap))
+                           softcap=float(softcap), **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
 
 

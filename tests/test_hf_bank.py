@@ -144,3 +144,15 @@ def test_sampling_with_a_bank():
     torch.manual_seed(4)
     want = single.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(got, want)
+
+
+def test_bank_from_peft_adapter_directories(tmp_path):
+    peft_models, ours, bank = peft_models_and_ours("llama")
+    paths = {}
+    for name, pm in peft_models.items():
+        pm.save_pretrained(str(tmp_path / name))
+        paths[name] = str(tmp_path / name)
+    loaded = PrefixBank.from_peft_adapters(paths, ours.config)
+    assert loaded.names == ["a", "b"] and [m.num_virtual_tokens for m in loaded.entries] == [3, 6]
+    for name in paths:
+        torch.testing.assert_close(loaded[name].prefix_kv, bank[name].prefix_kv, atol=0, rtol=0)

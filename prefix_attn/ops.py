@@ -2,7 +2,7 @@
 
 Name chain::
 
-    _prefix_attn_fwd_kernel / _bwd_*        prefix_attn/triton/kernels.py, csrc/prefix_attn_cpu.cpp
+    _prefix_attn_fwd_kernel / _bwd_*        prefix_attn/triton/kernels.py + kernels_bwd.py, csrc/prefix_attn_cpu.cpp
     prefix_attn_fwd / prefix_attn_bwd       launchers, one pair per backend module
     PrefixAttentionFunction                 autograd, saves (q, k, v, prefix, out, lse, mask)
     prefix_attention                        this module: checks inputs, picks a backend

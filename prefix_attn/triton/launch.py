@@ -19,13 +19,11 @@ import torch
 import triton
 
 from . import tuning
-from .kernels import (
-    LOG2E,
+from .kernels import LOG2E, _prefix_attn_bwd_preprocess_kernel, _prefix_attn_fwd_kernel
+from .kernels_bwd import (
     _prefix_attn_bwd_dkdv_kernel,
     _prefix_attn_bwd_dprefix_kernel,
     _prefix_attn_bwd_dq_kernel,
-    _prefix_attn_bwd_preprocess_kernel,
-    _prefix_attn_fwd_kernel,
     _prefix_attn_reduce_kernel,
 )
 

@@ -1,0 +1,26 @@
+"""The examples run end to end (short runs, in a subprocess as a user would start them)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def test_prefix_bank_example_runs(tmp_path):
+    script = os.path.join(EXAMPLES, "train_prefix_bank.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--pretrain-steps", "150", "--steps", "60",
+                          "--min-hits", "5"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "reloaded bank: 2 entries (count_up: P=4, count_down: P=8)" in run.stdout
+    assert "reloaded generations identical to the trained model's" in run.stdout
+    hits = re.search(r"following their task's rule: count_up (\d)/6, count_down (\d)/6", run.stdout)
+    assert hits and min(int(h) for h in hits.groups()) >= 5, run.stdout[-3000:]
+    saved = tmp_path / "bank_model"
+    assert (saved / "model.safetensors").is_file()
+    assert sorted(os.listdir(saved / "prefix_bank")) == ["bank.json", "entry_0.safetensors", "entry_1.safetensors"]

@@ -128,6 +128,19 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 - report every failing configuration
                     failures += 1
                     print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
+            print("  varlen: packed sequences")  # VARLEN=True: the same kernels on [total, H, D] tensors
+            cu_q, cu_k = torch.tensor([0, 100, Tq], dtype=torch.int32), torch.tensor([0, 120, Tk], dtype=torch.int32)
+            pq, pkk = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous()
+            try:
+                out, lse = launch.prefix_attn_fwd(pq, pkk, pkk, pk, pv, None, True, head_dim**-0.5, 0.0,
+                                                  cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=157,
+                                                  max_seqlen_k=180)
+                launch.prefix_attn_bwd(torch.empty_like(pq), pq, pkk, pkk, pk, pv, None, out, lse, True,
+                                       head_dim**-0.5, 0.0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                       max_seqlen_q=157, max_seqlen_k=180)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
     spills = [r for r in rows if "STACK:0 " not in r[4] + " "]
     print(f"\n{len(rows)} kernels compiled for sm_{args.arch} with triton {triton.__version__}, {failures} failed; "
           f"max shared memory {max((r[3] for r in rows), default=0)} B; {len(spills)} with a stack frame (spills)")

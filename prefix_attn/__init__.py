@@ -7,11 +7,13 @@ prefix gradients over the batch. Importing this package never touches a GPU and 
 
 from .ops import BACKENDS, PrefixAttentionFunction, available_backends, prefix_attention
 from .reference import prefix_attention_reference
+from .varlen import prefix_attention_varlen
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prefix_attention",
+    "prefix_attention_varlen",
     "PrefixAttentionFunction",
     "prefix_attention_reference",
     "available_backends",

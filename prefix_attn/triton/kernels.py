@@ -10,7 +10,12 @@ Layout (strides are passed for every tensor, so non-contiguous views are read in
 The prefix is a bank of N entries (N = 1 and stride 0 for a shared prefix): row ``b`` reads entry
 ``IDS[b]`` (0 without HAS_IDS) and its first ``LENS[entry]`` slots (P without HAS_LENS), a two-number per-row
 descriptor that the forward and dQ loops read once.
-    LSE, DELTA: [B, Hq, Tq] float32, contiguous
+    LSE, DELTA: [B, Hq, Tq] float32, contiguous (strides stride_lb, stride_lh)
+
+Packed sequences (VARLEN, compile-time): Q/DO/O are [total_q, Hq, D] and K/V [total_k, Hkv, D] (batch strides 0),
+"batch row" b is sequence b, its rows CU_Q[b]..CU_Q[b+1] and keys CU_K[b]..CU_K[b+1] (int32 cumulative
+lengths); LSE/DELTA are [Hq, total_q]. The grid covers the longest sequence; blocks past a sequence's end are
+masked out like a ragged tail.
 
 Softmax runs in base 2 (scores are multiplied by softmax_scale * log2(e) in the same FMA that subtracts the
 running max: exp2 is one instruction on the GPU); LSE is stored in natural log. Query ``i`` sits at text
@@ -112,6 +117,20 @@ def _row_prefix(IDS, LENS, b, P, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr):
 
 
 @triton.jit
+def _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN: tl.constexpr):
+    """(first query row, first key row, len_q, len_k) of batch row b: (0, 0, Tq, Tk), or sequence b of a
+    packed batch."""
+    q_row0 = 0
+    k_row0 = 0
+    if VARLEN:
+        q_row0 = tl.load(CU_Q + b).to(tl.int64)
+        k_row0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q_row0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k_row0).to(tl.int32)
+    return q_row0, k_row0, Tq, Tk
+
+
+@triton.jit
 def _causal_bounds(start_m, Tk, DIAG, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of a query block [start_m, start_m + BLOCK_M): keys [0, full_hi) need no causal or range mask
     (whole BLOCK_N blocks), keys [full_hi, hi) are the diagonal blocks and the ragged tail."""
@@ -153,7 +172,7 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out,
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    Q, K, V, PK, PV, MASK, IDS, LENS, O, LSE,
+    Q, K, V, PK, PV, MASK, IDS, LENS, CU_Q, CU_K, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -161,9 +180,10 @@ def _prefix_attn_fwd_kernel(
     stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
     H, GROUP, Tq, Tk, P, qk_scale, cap_in, cap_out,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -173,6 +193,7 @@ def _prefix_attn_fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
+    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     DIAG = Tk - Tq
     start_m = pid_m * BLOCK_M
     rows_m = tl.arange(0, BLOCK_M)
@@ -181,7 +202,7 @@ def _prefix_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < Tq
 
-    q_base = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qm
+    q_base = Q + b * stride_qb + h * stride_qh + (q_row0 + start_m.to(tl.int64)) * stride_qm
     q = _load(q_base, rows_m, offs_d, stride_qm, stride_qd, m_valid, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -209,8 +230,8 @@ def _prefix_attn_fwd_kernel(
                                   True, PRECISION, SOFTCAP)
 
     # text: whole blocks below the diagonal (masked only by padding), then the diagonal blocks and the tail
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_row0 * stride_vn
     mask_base = MASK + b * stride_mb
     full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
     for _ in range(0, full_hi, BLOCK_N):  # running 64-bit pointers: no 32-bit start_n * stride product
@@ -244,9 +265,9 @@ def _prefix_attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_om
+    o_base = O + b * stride_ob + h * stride_oh + (q_row0 + start_m.to(tl.int64)) * stride_om
     _store(o_base, rows_m, offs_d, stride_om, stride_od, out.to(O.dtype.element_ty), m_valid, HEAD_DIM, BLOCK_D)
-    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_valid)
+    tl.store(LSE + b * stride_lb + h * stride_lh + q_row0 + offs_m, lse, mask=m_valid)
 
 
 @triton.jit

@@ -6,26 +6,26 @@ Layouts, conventions and the helpers they share are described in ``kernels.py``.
 import triton
 import triton.language as tl
 
-from .kernels import _causal_bounds, _dot, _load, _row_prefix, _store, _tanh
+from .kernels import _causal_bounds, _dot, _load, _row_prefix, _seq_bounds, _store, _tanh
 
 
 @triton.jit
-def _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, H, Tq,
+def _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
                      stride_qb, stride_qh, stride_qm, stride_qd,
-                     stride_dob, stride_doh, stride_dom, stride_dod,
+                     stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """q, dO [M, D], lse in base 2 and delta [M] of one query block; rows past Tq read q = dO = 0 and
-    lse = +inf, so their probabilities are 0 and they need no mask."""
+    """q, dO [M, D], lse in base 2 and delta [M] of one query block (rows q_row0 + start_m ...); rows past Tq
+    read q = dO = 0 and lse = +inf, so their probabilities are 0 and they need no mask."""
     rows_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows_m
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < Tq
-    start = start_m.to(tl.int64)
+    start = q_row0 + start_m.to(tl.int64)
     q = _load(Q + b * stride_qb + h * stride_qh + start * stride_qm, rows_m, offs_d, stride_qm, stride_qd, m_valid,
               HEAD_DIM, BLOCK_D, True)
     do = _load(DO + b * stride_dob + h * stride_doh + start * stride_dom, rows_m, offs_d, stride_dom, stride_dod,
                m_valid, HEAD_DIM, BLOCK_D, True)
-    row = (b * H + h) * Tq
+    row = b * stride_lb + h * stride_lh + q_row0
     lse2 = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
     return q, do, lse2, delta
@@ -56,15 +56,17 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
 
 @triton.jit
 def _prefix_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+    Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_lb, stride_lh,
     H, HKV, GROUP, Tq, Tk, qk_scale, sm_scale, cap_in, cap_out,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Text dK/dV: one program per (key block, b * Hkv). One flat loop over (query head of the group, query
@@ -74,13 +76,14 @@ def _prefix_attn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
+    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     DIAG = Tk - Tq
     start_n = pid_n * BLOCK_N
     rows_n = tl.arange(0, BLOCK_N)
     offs_n = start_n + rows_n
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < Tk
-    start = start_n.to(tl.int64)
+    start = k_row0 + start_n.to(tl.int64)
     k = _load(K + b * stride_kb + hk * stride_kh + start * stride_kn, rows_n, offs_d, stride_kn, stride_kd, n_valid,
               HEAD_DIM, BLOCK_D, True)
     v = _load(V + b * stride_vb + hk * stride_vh + start * stride_vn, rows_n, offs_d, stride_vn, stride_vd, n_valid,
@@ -98,9 +101,9 @@ def _prefix_attn_bwd_dkdv_kernel(
     for u in range(0, GROUP * n_diag):
         h = hk * GROUP + u // n_diag
         start_m = lo + (u % n_diag) * BLOCK_M
-        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, H, Tq,
+        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
                                               stride_qb, stride_qh, stride_qm, stride_qd,
-                                              stride_dob, stride_doh, stride_dom, stride_dod,
+                                              stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         visible_t = offs_n[:, None] <= offs_m[None, :] + DIAG
@@ -109,9 +112,9 @@ def _prefix_attn_bwd_dkdv_kernel(
     for u in range(0, GROUP * n_full):
         h = hk * GROUP + u // n_full
         start_m = full_lo + (u % n_full) * BLOCK_M
-        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, H, Tq,
+        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
                                               stride_qb, stride_qh, stride_qm, stride_qd,
-                                              stride_dob, stride_doh, stride_dom, stride_dod,
+                                              stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
                               False, PRECISION, SOFTCAP)
@@ -129,13 +132,15 @@ def _prefix_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _prefix_attn_bwd_dprefix_kernel(
-    Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, DPK, DPV,
+    Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, CU_Q, DPK, DPV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pke, stride_pkh, stride_pkn, stride_pkd,
     stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh,
     H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, UNITS, UNITS_PER_SPLIT, SPLITS,
     PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
+    VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Prefix dK/dV, split for parallelism: one program per (prefix block from N_START, kv head, used entry u and
@@ -180,9 +185,10 @@ def _prefix_attn_bwd_dprefix_kernel(
         rem = u % (GROUP * num_m)
         h = hk * GROUP + rem // num_m
         start_m = (rem % num_m) * BLOCK_M
-        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, H, Tq,
+        q_row0, _, len_q, _ = _seq_bounds(CU_Q, CU_Q, b, Tq, Tq, VARLEN)  # Tq: the longest, with VARLEN
+        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, len_q,
                                               stride_qb, stride_qh, stride_qm, stride_qd,
-                                              stride_dob, stride_doh, stride_dom, stride_dod,
+                                              stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
                               False, PRECISION, SOFTCAP)
@@ -238,7 +244,7 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
 
 @triton.jit
 def _prefix_attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, CU_Q, CU_K, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -247,9 +253,10 @@ def _prefix_attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh,
     H, GROUP, Tq, Tk, P, qk_scale, sm_scale, cap_in, cap_out,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ: one program per (query block, b * Hq), over the row's prefix blocks then the visible text blocks.
@@ -262,15 +269,16 @@ def _prefix_attn_bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
+    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     DIAG = Tk - Tq
     start_m = pid_m * BLOCK_M
     rows_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows_m
     rows_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, H, Tq,
+    q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
                                           stride_qb, stride_qh, stride_qm, stride_qd,
-                                          stride_dob, stride_doh, stride_dom, stride_dod,
+                                          stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                           HEAD_DIM, BLOCK_M, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -285,8 +293,8 @@ def _prefix_attn_bwd_dq_kernel(
                   HEAD_DIM, BLOCK_D, True)
         dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, False, PRECISION, SOFTCAP)
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_row0 * stride_vn
     mask_base = MASK + b * stride_mb
     full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
     for _ in range(0, full_hi, BLOCK_N):  # running 64-bit pointers, as in the forward
@@ -314,6 +322,6 @@ def _prefix_attn_bwd_dq_kernel(
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
 
-    dq_base = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqm
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + (q_row0 + start_m.to(tl.int64)) * stride_dqm
     _store(dq_base, rows_m, offs_d, stride_dqm, stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m < Tq,
            HEAD_DIM, BLOCK_D)

@@ -69,19 +69,57 @@ def _on_device(t: torch.Tensor):
 
 
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float,
-                    softcap: float = 0.0, prefix_ids=None, prefix_lengths=None):
+                    softcap: float = 0.0, prefix_ids=None, prefix_lengths=None, cu_seqlens_q=None,
+                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Padded ([B, H, T, D]) or, with cu_seqlens_q/k, packed ([total, H, D]) inputs; lse [B, Hq, Tq] or
+    [Hq, total_q]."""
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
-        return _fwd(q, k, v, bank, attention_mask, causal, softmax_scale, softcap)
+        layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _fwd(q, k, v, bank, layout, attention_mask, causal, softmax_scale, softcap)
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
                     softmax_scale: float, softcap: float = 0.0, need_dq: bool = True, need_dkv: bool = True,
-                    need_dprefix: bool = True, prefix_ids=None, prefix_lengths=None):
+                    need_dprefix: bool = True, prefix_ids=None, prefix_lengths=None, cu_seqlens_q=None,
+                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
-        return _bwd(dout, q, k, v, bank, attention_mask, out, lse, causal, softmax_scale, softcap,
+        layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _bwd(dout, q, k, v, bank, layout, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix)
+
+
+class _Layout:
+    """Padded [B, H, T, D] tensors, or packed [total, H, D] ones with cu_seqlens (VARLEN): batch rows (or
+    sequences), the lengths the grid covers, per-tensor (batch, head, row, dim) strides and the LSE layout."""
+
+    def __init__(self, q, k, cu_q, cu_k, max_q, max_k):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.batch, self.len_q, self.len_k = cu_q.numel() - 1, int(max_q), int(max_k)
+            self.heads_q, self.head_dim, self.heads_kv = q.shape[1], q.shape[2], k.shape[1]
+            self.total_q = q.shape[0]
+            self.cu_q = cu_q.to(torch.int32).contiguous()
+            self.cu_k = cu_k.to(torch.int32).contiguous()
+        else:
+            self.batch, self.heads_q, self.len_q, self.head_dim = q.shape
+            self.heads_kv, self.len_k = k.shape[1], k.shape[2]
+            self.cu_q = self.cu_k = q  # dummies
+
+    def s(self, t):
+        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else tuple(t.stride())
+
+    def lse_empty(self, device):
+        shape = (self.heads_q, self.total_q) if self.varlen else (self.batch, self.heads_q, self.len_q)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def lse_strides(self):
+        return (0, self.total_q) if self.varlen else (self.heads_q * self.len_q, self.len_q)
+
+    def rows(self):
+        """(batch, rows per head, strides of a [B, H, rows, D] view) for the row-wise delta kernel."""
+        return (1, self.total_q) if self.varlen else (self.batch, self.len_q)
 
 
 class _Bank:
@@ -122,14 +160,14 @@ def _softcap_args(softmax_scale: float, softcap: float):
     return 0.0, 0.0, False
 
 
-def _fwd(q, k, v, bank: _Bank, attention_mask, causal: bool, softmax_scale: float, softcap: float):
-    batch, heads_q, len_q, head_dim = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
+def _fwd(q, k, v, bank: _Bank, lay: _Layout, attention_mask, causal: bool, softmax_scale: float, softcap: float):
+    batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
+    heads_kv, len_k = lay.heads_kv, lay.len_k
     num_prefix = bank.num_prefix
     _check_grid(batch, heads_q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    lse = lay.lse_empty(q.device)
+    if out.numel() == 0 or batch == 0 or len_q == 0:
         return out, lse.fill_(float("inf"))
     mask, mask_strides, has_mask = _mask_args(attention_mask, q)
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
@@ -137,10 +175,11 @@ def _fwd(q, k, v, bank: _Bank, attention_mask, causal: bool, softmax_scale: floa
     def run(cfg: tuning.Blocks):
         grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
         _prefix_attn_fwd_kernel[grid](
-            q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides, *out.stride(),
+            q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k, out, lse,
+            *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *mask_strides, *lay.s(out), *lay.lse_strides(),
             heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
             CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap, **bank.flags(),
+            VARLEN=lay.varlen,
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=tuning.block_d(head_dim),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -172,15 +211,15 @@ def _prefix_pieces(num_prefix: int, block_max: int):
     return pieces
 
 
-def _bwd(dout, q, k, v, bank: _Bank, attention_mask, out, lse, causal, softmax_scale, softcap, need_dq,
-         need_dkv, need_dprefix):
+def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, causal, softmax_scale, softcap,
+         need_dq, need_dkv, need_dprefix):
     prefix_k, prefix_v = bank.prefix_k, bank.prefix_v
-    batch, heads_q, len_q, head_dim = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
+    batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
+    heads_kv, len_k = lay.heads_kv, lay.len_k
     num_prefix = bank.num_prefix
     group = heads_q // heads_kv
     _check_grid(batch, heads_q)
-    if q.numel() == 0:  # nothing to propagate (batch or heads of 0): every gradient is zeros
+    if q.numel() == 0 or batch == 0 or len_q == 0:  # nothing to propagate: every gradient is zeros
         return tuple(torch.zeros_like(t) if need else None for t, need in
                      ((q, need_dq), (k, need_dkv), (v, need_dkv), (prefix_k, need_dprefix), (prefix_v, need_dprefix)))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
@@ -202,19 +241,22 @@ def _bwd(dout, q, k, v, bank: _Bank, attention_mask, out, lse, causal, softmax_s
 
     delta = torch.empty_like(lse)
     pre_m = 64 if not _interpreting() else 16
-    _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(len_q, pre_m), batch * heads_q)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads_q, len_q,
+    pre_batch, pre_rows = lay.rows()  # packed: one "row" of total_q queries
+    _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, pre_m), pre_batch * heads_q)](
+        out, dout, delta, *lay.s(out), *lay.s(dout), heads_q, pre_rows,
         HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
+    seq = dict(VARLEN=lay.varlen)
+    lse_strides = lay.lse_strides()
 
     if need_dkv:
         def run_dkdv(cfg: tuning.Blocks):
             _prefix_attn_bwd_dkdv_kernel[(triton.cdiv(len_k, cfg.block_n), batch * heads_kv)](
-                q, k, v, dout, lse, delta, mask, dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides, *dk.stride(),
+                q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, dk, dv,
+                *lay.s(q), *lay.s(k), *lay.s(v), *lay.s(dout), *mask_strides, *lay.s(dk), *lse_strides,
                 heads_q, heads_kv, group, len_q, len_k, qk_scale, softmax_scale, cap_in, cap_out,
                 CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **seq,
             )
 
         run_dkdv(tuning.config("dkdv", q.dtype, head_dim, dims, q.device, run_dkdv))
@@ -238,12 +280,12 @@ def _bwd(dout, q, k, v, bank: _Bank, attention_mask, out, lse, causal, softmax_s
             for start, block_n, n_blocks in pieces:
                 _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
                     q, bank.k, bank.v, dout, lse, delta, rows, start_row, count, entry, bank.lengths_arg,
-                    partial_k, partial_v,
-                    *q.stride(), *bank.strides(), *dout.stride(),
+                    lay.cu_q, partial_k, partial_v,
+                    *lay.s(q), *bank.strides(), *lay.s(dout), *lse_strides,
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
                     cap_in, cap_out, units, per_split, splits,
                     BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps if block_n > 32 else 4,
-                    num_stages=cfg.num_stages, **bank.flags(), **flags,
+                    num_stages=cfg.num_stages, **bank.flags(), **flags, **seq,
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
             per_entry = heads_kv * num_prefix * head_dim
@@ -258,10 +300,11 @@ def _bwd(dout, q, k, v, bank: _Bank, attention_mask, out, lse, causal, softmax_s
     if need_dq:
         def run_dq(cfg: tuning.Blocks):
             _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
-                q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, dq,
-                *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *dout.stride(), *mask_strides, *dq.stride(),
+                q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
+                dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides, *lay.s(dq),
+                *lse_strides,
                 heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
-                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(),
+                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(), **seq,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
 

@@ -59,6 +59,7 @@ class _Binding:
         self.is_bank = isinstance(prefix, PrefixBank)
         self.row_ids: Optional[torch.Tensor] = None  # a bank: this call's prefix_ids [B] (kept for recompute)
         self.generate_ids: Optional[torch.Tensor] = None  # a bank inside generate(): the rows before expansion
+        self.packed = None  # (cu_seqlens int32 [S + 1], longest) of a packed one-row batch, for this forward
         self.in_call = False
         self.previous_attn = previous_attn
         self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
@@ -71,7 +72,7 @@ class _Binding:
 
     def __getstate__(self) -> Dict:
         state = self.__dict__.copy()
-        state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = None
+        state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = state["packed"] = None
         state["depth"] = 0
         state["in_call"] = False
         return state
@@ -195,6 +196,10 @@ class _DecoderHooks:
             tokens = kwargs.get("inputs_embeds")
         if "prefix_ids" in kwargs or not self.binding.in_call:  # the decoder called directly
             self.binding.set_ids(kwargs.pop("prefix_ids", None), tokens.device)
+        self.binding.packed = _packed_sequences(position_ids, mask, kwargs.get("past_key_values"))
+        if self.binding.packed is not None and self.binding.is_bank:
+            raise NotImplementedError("packed sequences (position_ids restarting inside a row) with a PrefixBank: "
+                                      "not supported; pad the batch instead")
         # one prefix: P; a bank: each row's own entry length, [B, 1]
         num_prefix = self.binding.offsets(tokens.shape[0], tokens.device)
         if position_ids is not None:
@@ -218,6 +223,28 @@ class _DecoderHooks:
     def after(self, module, args, output):
         self.binding.end_forward()
         return None
+
+
+def _packed_sequences(position_ids, mask, cache):
+    """(cu_seqlens, longest) when one row packs several examples (transformers' DataCollatorWithFlattening:
+    position_ids restarting at 0, no attention mask, no cache), else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or mask is not None:
+        return None
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() <= 1 and (starts.numel() == 0 or int(starts[0]) == 0):
+        return None  # one example: the padded path is the same
+    total = pos.numel()
+    if int(starts[0]) != 0:
+        raise ValueError("packed position_ids must start at 0 for the first example")
+    bounds = torch.cat([starts, torch.tensor([total], device=starts.device)])
+    lengths = bounds[1:] - bounds[:-1]
+    expected = torch.cat([torch.arange(int(n), device=pos.device) for n in lengths.tolist()])
+    if not torch.equal(pos, expected):
+        raise ValueError("packed position_ids must count 0, 1, 2, ... within each example")
+    return bounds.to(torch.int32), int(lengths.max())
 
 
 class _CallHooks:

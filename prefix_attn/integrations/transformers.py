@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..ops import prefix_attention
+from ..varlen import prefix_attention_varlen
 
 try:
     import transformers  # noqa: F401
@@ -126,7 +127,8 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
                      device=kwargs.get("device", "cpu"))
-    return _key_mask_from_4d(full.expand(batch_size, -1, -1, -1), q_length, kv_length)
+    # the 4-D mask as it is: the attention function reduces it to a key mask, or recognises packed sequences
+    return full.expand(batch_size, -1, -1, -1)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -194,6 +196,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys "
                                   f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
                                   "window")
+    if binding.packed is not None:
+        return _packed_attention(query, key, value, pk, pv, attention_mask, binding.packed, scaling, softcap), None
     mask = attention_mask
     if mask is not None:
         if mask.dim() == 4:
@@ -206,6 +210,30 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
                            softcap=float(softcap), **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
+
+
+def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap):
+    """One row of packed examples -> prefix_attention_varlen; a 4-D mask, if the model built one, must be the
+    block-diagonal causal mask of those examples (anything else is refused)."""
+    cu, longest = packed
+    cu = cu.to(query.device)
+    total = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != total:
+        raise ValueError("packed sequences need one row and no cache")
+    if mask is not None:
+        if mask.dim() != 4:
+            raise ValueError(f"packed sequences with a {mask.dim()}-D attention mask are not supported")
+        allowed = mask if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2
+                                                          if mask.dtype.is_floating_point else mask != 0)
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long())
+        pos = torch.arange(total, device=cu.device)
+        want = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+        _require((allowed[0] == want).all(), "prefix_attn: the model's mask for this packed row is not the "
+                 "block-diagonal causal mask of its examples")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D] views
+    out = prefix_attention_varlen(q, k, v, pk, pv, cu, cu, longest, longest, causal=True, softmax_scale=scaling,
+                                  softcap=float(softcap))
+    return out.unsqueeze(0)  # [1, total, Hq, D]
 
 
 def register() -> None:

@@ -88,3 +88,17 @@ def test_trainer_with_flattening_collator(tmp_path):
     assert (prefix.prefix_kv.detach() - before).abs().max() > 1e-4
     assert all(h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h)
     assert P == prefix.num_virtual_tokens
+
+
+def test_flash_attention_kwargs_from_the_collator():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds cu_seq_lens_q/k and max_length_q/k, which
+    Llama passes to its attention function: the same result as from position_ids alone."""
+    _, ours, _ = peft_and_ours("llama")
+    examples, batch = packed_examples()
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
+    fa = collate([{"input_ids": e.tolist()} for e in examples])
+    assert "cu_seq_lens_q" in fa
+    with torch.no_grad():
+        got = ours(**{k: v for k, v in fa.items() if k != "labels"}).logits
+        want = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

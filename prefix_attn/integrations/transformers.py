@@ -139,10 +139,6 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 _NAMED_REFUSALS = {
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
-    "cu_seq_lens_q": "packed sequences (cu_seq_lens_q)",
-    "cu_seq_lens_k": "packed sequences (cu_seq_lens_k)",
-    "max_length_q": "packed sequences (max_length_q)",
-    "max_length_k": "packed sequences (max_length_k)",
     "head_mask": "a head mask",
     "attention_bias": "an additive attention bias",
     "alibi": "ALiBi position biases",
@@ -184,6 +180,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
             f"without it (other dropouts are unaffected); eval mode is never affected.")
     if not getattr(module, "is_causal", True):
         raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
+    packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
     _refuse_unhandled(module, kwargs)
     softcap = kwargs.get("softcap") or 0.0
     pk, pv = binding.key_value(module.layer_idx)
@@ -196,8 +193,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys "
                                   f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
                                   "window")
-    if binding.packed is not None:
-        return _packed_attention(query, key, value, pk, pv, attention_mask, binding.packed, scaling, softcap), None
+    if packed is not None:
+        return _packed_attention(query, key, value, pk, pv, attention_mask, packed, scaling, softcap), None
     mask = attention_mask
     if mask is not None:
         if mask.dim() == 4:
@@ -210,6 +207,23 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
                            softcap=float(softcap), **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
+
+
+def _flash_packing(kwargs, packed):
+    """The packing of this forward: from the flash-attention kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``,
+    popped from ``kwargs``) if the model passes them, else what the decoder hook found in ``position_ids``."""
+    cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    max_q, max_k = kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    if cu_q is None and cu_k is None:
+        return packed
+    if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k) or (max_q is not None and max_q != max_k):
+        raise NotImplementedError("prefix_attn supports packed sequences in self-attention only: cu_seq_lens_q and "
+                                  "cu_seq_lens_k must be equal")
+    cu = cu_q.to(torch.int32)
+    if packed is not None and not torch.equal(packed[0].to(cu.device), cu):
+        raise ValueError("cu_seq_lens_q does not match the examples that position_ids mark")
+    longest = int(max_q) if max_q is not None else int((cu[1:] - cu[:-1]).max())
+    return cu, longest
 
 
 def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap):

@@ -218,5 +218,13 @@ def test_bank_benchmark_baseline_and_quick_run(capsys):
     assert out.strip().splitlines()[-1].startswith("| 4 | 8 | 256 | 64 | 32 |")
 
 
+def test_packed_benchmark_quick_run(capsys):
+    pytest.importorskip("transformers")
+    bench = _load("bench_packed")
+    bench.main(["--quick", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| padded |" in out and "| packed |" in out and "padding fraction" in out
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -131,6 +131,21 @@ def _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The (query block, b * Hq) program of the forward and dQ kernels: batch row b, head h, kv head hk, the row's
+    offsets and lengths, and its first query start_m. Causal grids run the longest query blocks (most keys)
+    first."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
+    return b, h, h // GROUP, q_row0, k_row0, Tq, Tk, pid_m * BLOCK_M
+
+
+@triton.jit
 def _causal_bounds(start_m, Tk, DIAG, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of a query block [start_m, start_m + BLOCK_M): keys [0, full_hi) need no causal or range mask
     (whole BLOCK_N blocks), keys [full_hi, hi) are the diagonal blocks and the ragged tail."""
@@ -186,16 +201,8 @@ def _prefix_attn_fwd_kernel(
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest query blocks (most keys) start first
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
+    b, h, hk, q_row0, k_row0, Tq, Tk, start_m = _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL, VARLEN, BLOCK_M)
     DIAG = Tk - Tq
-    start_m = pid_m * BLOCK_M
     rows_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows_m
     rows_n = tl.arange(0, BLOCK_N)

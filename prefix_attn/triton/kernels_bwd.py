@@ -6,7 +6,7 @@ Layouts, conventions and the helpers they share are described in ``kernels.py``.
 import triton
 import triton.language as tl
 
-from .kernels import _causal_bounds, _dot, _load, _row_prefix, _seq_bounds, _store, _tanh
+from .kernels import _causal_bounds, _dot, _load, _query_block, _row_prefix, _seq_bounds, _store, _tanh
 
 
 @triton.jit
@@ -262,16 +262,8 @@ def _prefix_attn_bwd_dq_kernel(
     """dQ: one program per (query block, b * Hq), over the row's prefix blocks then the visible text blocks.
 
     Key rows past the end and padded keys are loaded as zeros (no mask); only the diagonal blocks are masked."""
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest query blocks start first
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    q_row0, k_row0, Tq, Tk = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, VARLEN)
+    b, h, hk, q_row0, k_row0, Tq, Tk, start_m = _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL, VARLEN, BLOCK_M)
     DIAG = Tk - Tq
-    start_m = pid_m * BLOCK_M
     rows_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows_m
     rows_n = tl.arange(0, BLOCK_N)

@@ -256,4 +256,5 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
 
 
-from .hf_model import disable, enable, is_enabled, load_pretrained  # noqa: E402  (re-exported)
+from .checkpoints import load_pretrained  # noqa: E402  (re-exported)
+from .hf_model import disable, enable, is_enabled  # noqa: E402  (re-exported)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in one call of under 10 minutes:
-# install, backend report, GPU tests, training-step benchmark, attention suite, plots, summary (printed last).
+# install, backend report, GPU tests, training-step, bank and packed benchmarks, attention suite, plots, summary
+# (printed last).
 #
 #   bash benchmarks/gpu_check.sh                 # full attention set, cut by a time budget if it runs long
 #   bash benchmarks/gpu_check.sh --quick         # llama-7b, P=64, bfloat16 only; fewer training steps
@@ -41,6 +42,8 @@ fi
 step python -m prefix_attn.info
 step timeout 200 python -m pytest -q -m gpu tests/
 step timeout 150 python benchmarks/bench_train_step.py $QUICK --out "$RUN_DIR"
+step timeout 60 bash -c "python benchmarks/bench_bank.py --backend triton --dtype bfloat16 $QUICK > '$RUN_DIR/bench_bank.md'"
+step timeout 60 bash -c "python benchmarks/bench_packed.py --device cuda $QUICK > '$RUN_DIR/bench_packed.md'"
 
 budget=$(( TOTAL_SECONDS - SECONDS - 60 ))
 [ "$budget" -lt 30 ] && budget=30
@@ -48,7 +51,7 @@ step timeout $(( budget + 60 )) python benchmarks/bench_attention.py $QUICK --ti
     --out "$RUN_DIR" --no-table ${EXTRA[@]+"${EXTRA[@]}"}
 
 mkdir -p benchmarks/results
-cp "$RUN_DIR"/*.json "$RUN_DIR"/*.csv benchmarks/results/ 2>/dev/null
+cp "$RUN_DIR"/*.json "$RUN_DIR"/*.csv "$RUN_DIR"/bench_*.md benchmarks/results/ 2>/dev/null
 plot_inputs=()  # the attention summary last: the end of the output is what a remote run shows
 for f in "$RUN_DIR"/train_step_*.json "$RUN_DIR"/attention_*.json; do
     [ -e "$f" ] && plot_inputs+=("$f")

@@ -24,8 +24,8 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from train_prefix_gpt2 import BOS, NUMBERS, PAD, RULES, sequences, train, which_rule
-from transformers import GPT2Config, GPT2LMHeadModel
+from train_prefix_gpt2 import BOS, NUMBERS, PAD, RULES, pretrained_base, sequences, which_rule
+from transformers import GPT2LMHeadModel
 
 import prefix_attn
 
@@ -101,14 +101,8 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
-    # 1. a tiny GPT-2 trained on the four-rule language; attention dropout 0 (prefix_attn has none)
-    config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
-                        pad_token_id=PAD)
-    model = GPT2LMHeadModel(config)
-    model.train()
-    pre = train(model, model.parameters(), lambda: sequences(64, 12, list(RULES.values()), gen),
-                args.pretrain_steps, 3e-3, "pretrain base model")
+    # 1. a tiny GPT-2 trained on the four-rule language (as in train_prefix_gpt2.py)
+    model, pre = pretrained_base(args.pretrain_steps, gen)
     print(f"base model loss {pre[0]:.3f} -> {pre[-1]:.3f}")
     model.eval()
     _, hits = generate(model, "stock model (no prefix), greedy:")

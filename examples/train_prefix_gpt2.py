@@ -93,6 +93,18 @@ def train(model, params, batches, steps: int, lr: float, desc: str):
     return losses
 
 
+def pretrained_base(steps: int, gen):
+    """(model, losses): a tiny GPT-2 from a config, trained on the four-rule language; attention dropout 0."""
+    config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
+                        pad_token_id=PAD)
+    model = GPT2LMHeadModel(config)
+    model.train()
+    losses = train(model, model.parameters(), lambda: sequences(64, 12, list(RULES.values()), gen), steps, 3e-3,
+                   "pretrain base model")
+    return model, losses
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="prefix_example_out", help="where the model and the prefix are saved")
@@ -111,14 +123,8 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
-    # 1. a tiny GPT-2 trained on the four-rule language; attention dropout 0 (prefix_attn has none)
-    config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
-                        pad_token_id=PAD)
-    model = GPT2LMHeadModel(config)
-    model.train()
-    pre = train(model, model.parameters(), lambda: sequences(64, 12, list(RULES.values()), gen),
-                args.pretrain_steps, 3e-3, "pretrain base model")
+    # 1. a tiny GPT-2 trained on the four-rule language
+    model, pre = pretrained_base(args.pretrain_steps, gen)
     print(f"base model loss {pre[0]:.3f} -> {pre[-1]:.3f} (the rule stays ambiguous until the second number: "
           f"ln(4)/10 = {torch.log(torch.tensor(4.0)).item() / 10:.3f} at best)")
     os.makedirs(args.out, exist_ok=True)

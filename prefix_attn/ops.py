@@ -270,17 +270,31 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
         need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids,
         prefix_lengths=prefix_lengths)
-    # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor
+    return _op_grads(q, grads)
+
+
+def _op_grads(q, grads):
+    """Custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor."""
     return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+def _fake_grads(q, k, v, prefix_k, prefix_v, need_dq, need_dkv, need_dprefix):
+    """What a backward custom op returns, for its fake (shape-only) implementation."""
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
+    return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
+            like(prefix_v, need_dprefix))
+
+
+def _input_grads(needs, grads, num_other_inputs: int):
+    """autograd's return of the five tensor gradients (None where not needed), then None for the other inputs."""
+    return tuple(g if need else None for g, need in zip(grads, needs[:5])) + (None,) * num_other_inputs
 
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, causal,
       softmax_scale, softcap, backend, need_dq, need_dkv, need_dprefix):
-    def like(t, needed):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
-    return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
-            like(prefix_v, need_dprefix))
+    return _fake_grads(q, k, v, prefix_k, prefix_v, need_dq, need_dkv, need_dprefix)
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
@@ -299,12 +313,11 @@ class PrefixAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = _bwd_op(
+        grads = _bwd_op(
             dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, ctx.causal,
             ctx.softmax_scale, ctx.softcap, ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
         )
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 7
+        return _input_grads(needs, grads, 7)
 
 
 def prefix_attention(

@@ -117,17 +117,14 @@ def _cpu_fwd(q, k, v, pk, pv, cu_q, cu_k, causal, scale, softcap, prefix_ids, pr
     from . import cpu  # noqa: PLC0415
 
     out = torch.empty(q.shape, dtype=q.dtype)
-    lse = None
+    # the CPU kernel's lse: float64 for float64 inputs, float32 otherwise
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     for s, (q0, q1, k0, k1) in enumerate(_seqs(cu_q, cu_k)):
         bank = {} if prefix_ids is None else {"prefix_ids": prefix_ids[s:s + 1], "prefix_lengths": prefix_lengths}
         o, l_s = cpu.prefix_attn_fwd(_as4(q, q0, q1), _as4(k, k0, k1), _as4(v, k0, k1), pk, pv, None, causal, scale,
                                      softcap, **bank)
-        if lse is None:
-            lse = torch.empty((q.shape[1], q.shape[0]), dtype=l_s.dtype)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l_s[0]
-    if lse is None:
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
 
 
@@ -197,16 +194,13 @@ def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k)
-    return tuple(q.new_empty(0) if g is None else g for g in grads)
+    return ops._op_grads(q, grads)
 
 
 @_varlen_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, max_q, max_k, prefix_ids, prefix_lengths, causal,
       softmax_scale, softcap, backend, need_dq, need_dkv, need_dprefix):
-    def like(t, needed):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else q.new_empty(0)
-    return (like(q, need_dq), like(k, need_dkv), like(v, need_dkv), like(prefix_k, need_dprefix),
-            like(prefix_v, need_dprefix))
+    return ops._fake_grads(q, k, v, prefix_k, prefix_v, need_dq, need_dkv, need_dprefix)
 
 
 class PrefixAttentionVarlenFunction(torch.autograd.Function):
@@ -226,12 +220,11 @@ class PrefixAttentionVarlenFunction(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, prefix_ids, prefix_lengths = ctx.saved_tensors
         max_q, max_k, causal, softmax_scale, softcap, backend = ctx.args
         needs = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = _varlen_bwd_op(
+        grads = _varlen_bwd_op(
             dout.contiguous(), q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, max_q, max_k, prefix_ids,
             prefix_lengths, causal, softmax_scale, softcap, backend, needs[0], needs[1] or needs[2],
             needs[3] or needs[4])
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 10
+        return ops._input_grads(needs, grads, 10)
 
 
 def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,

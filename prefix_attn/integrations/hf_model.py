@@ -58,6 +58,7 @@ class _Binding:
         self.row_ids: Optional[torch.Tensor] = None  # a bank: this call's prefix_ids [B] (kept for recompute)
         self.generate_ids: Optional[torch.Tensor] = None  # a bank inside generate(): the rows before expansion
         self.packed = None  # (cu_seqlens int32 [S + 1], longest) of a packed one-row batch, for this forward
+        self.lengths: Dict[torch.device, torch.Tensor] = {}  # a bank: its entries' lengths, per device
         self.in_call = False
         self.previous_attn = previous_attn
         self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
@@ -71,6 +72,7 @@ class _Binding:
     def __getstate__(self) -> Dict:
         state = self.__dict__.copy()
         state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = state["packed"] = None
+        state["lengths"] = {}
         state["depth"] = 0
         state["in_call"] = False
         return state
@@ -104,13 +106,16 @@ class _Binding:
         """The position shift of each row: its own prefix length (PEFT's, per adapter); an int for one prefix."""
         if not self.is_bank:
             return self.num_virtual_tokens
-        return self.prefix.lengths(device).long()[self.ids(batch).to(device)][:, None]
+        return self.bank_args(batch, device)["prefix_lengths"].long()[self.ids(batch).to(device)][:, None]
 
     def bank_args(self, batch: int, device) -> Dict:
         """prefix_ids / prefix_lengths for prefix_attention, {} for one prefix."""
         if not self.is_bank:
             return {}
-        return {"prefix_ids": self.ids(batch).to(device), "prefix_lengths": self.prefix.lengths(device)}
+        lengths = self.lengths.get(device)
+        if lengths is None:  # one host-to-device copy per device, not one per layer and forward
+            lengths = self.lengths[device] = self.prefix.lengths(device)
+        return {"prefix_ids": self.ids(batch).to(device), "prefix_lengths": lengths}
 
     def _versions(self):
         return tuple(p._version for p in self.prefix.parameters())

@@ -127,8 +127,13 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
                      device=kwargs.get("device", "cpu"))
-    # the 4-D mask as it is: the attention function reduces it to a key mask, or recognises packed sequences
-    return full.expand(batch_size, -1, -1, -1)
+    full = full.expand(batch_size, -1, -1, -1)
+    if is_tracing(full):
+        return _key_mask_from_4d(full, q_length, kv_length)
+    try:  # reduced once per forward, not in every layer
+        return _key_mask_from_4d(full, q_length, kv_length)
+    except ValueError:  # not causal + padding: a packed row (checked against its examples) or refused, in attention
+        return full
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -91,8 +91,8 @@ def test_bank_strided_views_and_partial_grads(backend):
     view_v = big[1::2].transpose(1, 2)
     ids = torch.tensor([0, 2, 2, 1], device=device)
     leaves = [view_k.detach().clone().requires_grad_(), view_v.detach().clone().requires_grad_()]
-    bank_k = leaves[0].transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided layout
-    out = prefix_attn.prefix_attention(q, k, v, bank_k, leaves[1], prefix_ids=ids, backend=backend)
+    assert not leaves[0].is_contiguous()  # clone keeps the strided layout
+    out = prefix_attn.prefix_attention(q, k, v, *leaves, prefix_ids=ids, backend=backend)
     ref = prefix_attn.prefix_attention(q, k, v, view_k.contiguous(), view_v.contiguous(), prefix_ids=ids,
                                        backend="torch")
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)

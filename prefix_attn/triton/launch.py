@@ -118,7 +118,7 @@ class _Layout:
         return (0, self.total_q) if self.varlen else (self.heads_q * self.len_q, self.len_q)
 
     def rows(self):
-        """(batch, rows per head, strides of a [B, H, rows, D] view) for the row-wise delta kernel."""
+        """(batch, rows per head) of the [B, H, rows, D] view the row-wise delta kernel walks."""
         return (1, self.total_q) if self.varlen else (self.batch, self.len_q)
 
 
@@ -144,8 +144,9 @@ class _Bank:
         return dict(HAS_IDS=not self.shared, HAS_LENS=self.lengths is not None)
 
     def used_entries(self):
-        """(entry [U], row_start [U], row_count [U], rows [B]) int32: the entries some row chose, ascending, and
-        the batch rows grouped by entry (stable, so each entry's rows stay in batch order)."""
+        """(entry [U], row_start [U], row_count [U], rows [B], the largest count): int32 tensors of the entries
+        some row chose, ascending, and the batch rows grouped by entry (stable, so each entry's rows stay in batch
+        order)."""
         entry, inverse, count = torch.unique(self.ids, sorted=True, return_inverse=True, return_counts=True)
         rows = torch.sort(inverse, stable=True).indices
         start = torch.cumsum(count, 0) - count
@@ -260,7 +261,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, cau
             )
 
         run_dkdv(tuning.config("dkdv", q.dtype, head_dim, dims, q.device, run_dkdv))
-    if need_dprefix and num_prefix > 0 and (bank.shared or batch > 0):
+    if need_dprefix and num_prefix > 0:
         if bank.shared:
             entry = start_row = count = rows = q  # dummies: one entry, every row
             used, max_rows = 1, batch

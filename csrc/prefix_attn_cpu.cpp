@@ -27,6 +27,9 @@
 // per-score-element softmax work is in rowops.h. float16/bfloat16 inputs are converted to float32 once
 // (explicit copies of q, k, v, the prefix and, in backward, dout and out), computed in float32 and the
 // results converted back; float64 runs in float64 (for gradcheck).
+//
+// Attention dropout (dropout_p > 0): each score tile's keep mask is regenerated from (seed, b, h, i, c) by
+// Philox (rowops.h, the mask of prefix_attn/dropout.py) in forward and backward; nothing is stored.
 
 #include <torch/extension.h>
 
@@ -72,6 +75,14 @@ PREFIX_ATTN_CLONES void row_dots(const float* a, int64_t lda, const float* b, in
 void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim,
               double* res) {
   row_dots_impl<double>(a, lda, b, ldb, rows, dim, res);
+}
+PREFIX_ATTN_CLONES void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h,
+                                     int64_t row0, int64_t col0, uint32_t* rnd) {
+  dropout_tile_impl<float>(z, rows, n, dr, b, h, row0, col0, rnd);
+}
+void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
+                  int64_t col0, uint32_t* rnd) {
+  dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd);
 }
 
 namespace {
@@ -135,6 +146,19 @@ Bank make_bank(const c10::optional<at::Tensor>& prefix_ids, const c10::optional<
     }
   }
   return bank;
+}
+
+Dropout make_dropout(double dropout_p, int64_t seed, int64_t batch_offset) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attn cpu: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(seed >= 0, "prefix_attn cpu: dropout_seed must be >= 0, got ", seed);
+  Dropout dr;
+  dr.on = dropout_p > 0;
+  dr.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFu);
+  dr.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  dr.threshold31 = static_cast<uint32_t>(dropout_p * 2147483648.0);  // floor(p * 2^31), as dropout.threshold
+  dr.scale = dr.on ? 1.0 / (1.0 - dropout_p) : 1.0;
+  dr.batch_offset = batch_offset;
+  return dr;
 }
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -334,9 +358,9 @@ struct Rows4 {
 
 template <typename T>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                            const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Dims& d, bool causal,
-                            double scale, double softcap, at::Tensor& out, at::Tensor& lse, int64_t block_q,
-                            int64_t block_k) {
+                            const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Dropout& drop,
+                            const Dims& d, bool causal, double scale, double softcap, at::Tensor& out, at::Tensor& lse,
+                            int64_t block_q, int64_t block_k) {
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
@@ -350,6 +374,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, d.batch * d.heads_q * nqb, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), acc(block_q * D), m(block_q), l(block_q);
+    std::vector<T> z_buf(drop.on ? block_q * block_k : 0);  // dropout: 0 or 1 / (1 - p) per score
+    std::vector<uint32_t> rnd(drop.on ? block_k + 8 : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb;
       const int64_t hq = (task / nqb) % d.heads_q;
@@ -362,20 +388,26 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
 
-      // S = Q K^T; online softmax; acc += P V
+      // S = Q K^T; online softmax (l sums the probabilities before dropout); acc += dropout(P) V.
+      // col0: the block's first column in the dropout numbering (prefix slots, then num_prefix + text key)
       auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, int64_t n, const T* col_bias,
-                       int64_t lim0) {
+                       int64_t lim0, int64_t col0) {
         T* S = s_buf.data();
         gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
         if (cap > T(0)) softcap_tile<T>(S, bq * n, sc, cap, nullptr);
         fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
+        if (drop.on) {
+          T* z = z_buf.data();
+          dropout_tile(z, bq, n, drop, b, hq, q0, col0, rnd.data());
+          for (int64_t i = 0; i < bq * n; ++i) S[i] *= z[i];
+        }
         gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
       };
 
       const int64_t e = bank.entry(b), np = bank.slots(b);
       for (int64_t p0 = 0; p0 < np; p0 += block_k) {
         const int64_t n = std::min(block_k, np - p0);
-        block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, n, nullptr, n);
+        block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, n, nullptr, n, p0);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
       const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
@@ -384,7 +416,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         if (mask.present && mask.block_empty(b, k0, n)) continue;
         const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
         block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, n,
-              mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0);
+              mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0, d.num_prefix + k0);
       }
 
       const int64_t row0 = (b * d.heads_q + hq) * d.len_q + q0;
@@ -409,8 +441,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 template <typename T>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
-                            const MaskInfo& mask, const Bank& bank, const Dims& d, bool causal, double scale,
-                            double softcap, bool need_dq, bool need_dkv, bool need_dprefix, at::Tensor& dq,
+                            const MaskInfo& mask, const Bank& bank, const Dropout& drop, const Dims& d, bool causal,
+                            double scale, double softcap, bool need_dq, bool need_dkv, bool need_dprefix, at::Tensor& dq,
                             at::Tensor& dk, at::Tensor& dv,
                             at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
   const int64_t offset = d.len_k - d.len_q;
@@ -433,6 +465,8 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(d.len_q);
     std::vector<T> cap_grad(cap > T(0) ? block_q * block_k : 0);  // 1 - tanh^2 of the capped scores
+    std::vector<T> z_buf(drop.on ? block_q * block_k : 0);         // dropout: 0 or 1 / (1 - p) per score
+    std::vector<uint32_t> rnd(drop.on ? block_k + 8 : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
@@ -449,8 +483,9 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
         // Key block [n keys] x query rows [r0, r0 + m): P and dS from the recomputed scores, then the three
         // gradient products. Key-block-outer order makes every product long in its inner dimension: dK and
         // dV sum over up to block_q rows in one call, dQ takes the whole block of keys.
+        // With dropout (mask Z, scaled): dV = (P * Z)^T dO and dS = P * (Z * dP - delta), delta = rowsum(dO * O).
         auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
-                         int64_t n, const T* col_bias, int64_t r0, int64_t m, int64_t lim0) {
+                         int64_t n, const T* col_bias, int64_t r0, int64_t m, int64_t lim0, int64_t col0) {
           T* S = s_buf.data();
           T* dS = dp_buf.data();
           const T* q_tile = Q.at(b, hq, r0);
@@ -458,7 +493,15 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
           gemm<T>(false, true, m, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
           gemm<T>(false, true, m, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
           if (cap > T(0)) softcap_tile<T>(S, m * n, sc, cap, cap_grad.data());
+          const T* z = z_buf.data();
+          if (drop.on) {
+            dropout_tile(z_buf.data(), m, n, drop, b, hq, r0, col0, rnd.data());
+            for (int64_t i = 0; i < m * n; ++i) dS[i] *= z[i];
+          }
           bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0);
+          if (drop.on && dv_tile) {
+            for (int64_t i = 0; i < m * n; ++i) S[i] *= z[i];
+          }
           if (cap > T(0)) {
             const T* g = cap_grad.data();
             for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];
@@ -474,7 +517,7 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
             const int64_t n = std::min(block_k, np - p0);
             for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
               block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
-                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n);
+                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n, p0);
             }
           }
         }
@@ -489,7 +532,7 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
               const int64_t m = std::min(block_q, d.len_q - r0);
               block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, dk_bh ? dk_bh + k0 * D : nullptr,
                     dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, r0,
-                    m, causal ? offset + r0 + 1 - k0 : n);
+                    m, causal ? offset + r0 + 1 - k0 : n, d.num_prefix + k0);
             }
           }
         }
@@ -504,10 +547,12 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask, bool causal,
                             double softmax_scale, double softcap, int64_t block_q, int64_t block_k,
                             const c10::optional<at::Tensor>& prefix_ids,
-                            const c10::optional<at::Tensor>& prefix_lengths) {
+                            const c10::optional<at::Tensor>& prefix_lengths, double dropout_p, int64_t dropout_seed,
+                            int64_t dropout_batch_offset) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
+  const Dropout drop = make_dropout(dropout_p, dropout_seed, dropout_batch_offset);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
   TORCH_CHECK(softcap >= 0, "prefix_attn cpu: softcap must be >= 0, got ", softcap);
   const auto st = q.scalar_type();
@@ -520,11 +565,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, opts);
   if (out.numel() > 0) {
     if (cdt == at::kDouble) {
-      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, bank, d, causal, softmax_scale, softcap, out, lse,
-                                     block_q, block_k);
+      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
+                                     lse, block_q, block_k);
     } else {
-      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, bank, d, causal, softmax_scale, softcap, out, lse,
-                                    block_q, block_k);
+      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
+                                    lse, block_q, block_k);
     }
   }
   return {out.scalar_type() == st ? out : out.to(st), lse};
@@ -536,10 +581,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& lse, bool causal, double softmax_scale, double softcap, bool need_dq,
                             bool need_dkv, bool need_dprefix, int64_t block_q, int64_t block_k,
                             const c10::optional<at::Tensor>& prefix_ids,
-                            const c10::optional<at::Tensor>& prefix_lengths) {
+                            const c10::optional<at::Tensor>& prefix_lengths, double dropout_p, int64_t dropout_seed,
+                            int64_t dropout_batch_offset) {
   at::NoGradGuard no_grad;
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
+  const Dropout drop = make_dropout(dropout_p, dropout_seed, dropout_batch_offset);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
   TORCH_CHECK(dout.sizes() == q.sizes(), "prefix_attn cpu: dout must be [batch, heads_q, len_q, head_dim] = ",
               shape_str(q), " like q, got ", shape_str(dout));
@@ -569,12 +616,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   }
   if (q.numel() > 0 && (need_dq || need_dkv || need_dprefix)) {
     if (cdt == at::kDouble) {
-      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, d, causal, softmax_scale, softcap,
-                                     need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
+      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
+                                     softcap, need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
                                      block_k);
     } else {
-      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, d, causal, softmax_scale, softcap,
-                                    need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
+      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
+                                    softcap, need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
                                     block_k);
     }
   }
@@ -626,12 +673,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"), py::arg("softcap") = 0.0,
         py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK,
-        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none());
+        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0);
   m.def("bwd", &prefix_attn::bwd,
         "prefix attention backward -> [dq, dk, dv, dprefix_k, dprefix_v] (None where not needed)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("attention_mask"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("softmax_scale"),
         py::arg("softcap") = 0.0, py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
         py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK,
-        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none());
+        py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0);
 }

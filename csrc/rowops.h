@@ -168,6 +168,61 @@ PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64
   }
 }
 
+// ---- attention dropout (the mask of prefix_attn/dropout.py) ----
+//
+// keep(b, h, i, c) = (Philox-4x32-10(key = seed, counter = (c / 4, i, h, b))[c % 4] >> 1) >= threshold31, the
+// generator tl.rand uses; kept probabilities are scaled by 1 / (1 - p) (done by the caller through `scale`).
+struct Dropout {
+  bool on = false;
+  uint32_t key0 = 0, key1 = 0;  // the 64-bit seed
+  uint32_t threshold31 = 0;     // floor(p * 2^31)
+  double scale = 1.0;           // 1 / (1 - p)
+  int64_t batch_offset = 0;     // added to b (sequence index of a packed batch run one sequence at a time)
+};
+
+PREFIX_ATTN_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                                      uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// z[r * n + c] = keep(b, h, row0 + r, col0 + c) ? scale : 0 for a [rows, n] tile. One Philox call gives the four
+// columns of a group; `rnd` is scratch of at least 4 * (n / 4 + 2) words.
+template <typename T>
+PREFIX_ATTN_INLINE void dropout_tile_impl(T* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h,
+                                          int64_t row0, int64_t col0, uint32_t* rnd) {
+  const int64_t g0 = col0 / 4, groups = (col0 + n + 3) / 4 - g0, skip = col0 - 4 * g0;
+  const uint32_t cb = static_cast<uint32_t>(b + dr.batch_offset), ch = static_cast<uint32_t>(h);
+  const uint32_t thr = dr.threshold31;
+  const T sc = static_cast<T>(dr.scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t ci = static_cast<uint32_t>(row0 + r);
+#pragma omp simd
+    for (int64_t g = 0; g < groups; ++g) {
+      uint32_t c0 = static_cast<uint32_t>(g0 + g), c1 = ci, c2 = ch, c3 = cb;
+      philox4x32_10(c0, c1, c2, c3, dr.key0, dr.key1);
+      rnd[4 * g] = c0;
+      rnd[4 * g + 1] = c1;
+      rnd[4 * g + 2] = c2;
+      rnd[4 * g + 3] = c3;
+    }
+    T* zr = z + r * n;
+    const uint32_t* rr = rnd + skip;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) zr[c] = (rr[c] >> 1) >= thr ? sc : T(0);
+  }
+}
+
 // The multiversioned float entry points (defined in prefix_attn_cpu.cpp) and their double twins.
 void fwd_rows(float* S, int64_t rows, int64_t n, float scale, const float* col_bias, int64_t lim0, float* m,
               float* l, float* acc, int64_t dim);
@@ -178,6 +233,10 @@ void bwd_rows(float* S, float* dP, int64_t rows, int64_t n, float scale, const f
 void bwd_rows(double* S, double* dP, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0,
               const double* lse, const double* delta);
 void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t dim, float* res);
+void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
+                  int64_t col0, uint32_t* rnd);
+void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
+                  int64_t col0, uint32_t* rnd);
 void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim, double* res);
 
 }  // namespace prefix_attn

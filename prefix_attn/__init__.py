@@ -5,6 +5,7 @@
 prefix gradients over the batch. Importing this package never touches a GPU and never compiles anything.
 """
 
+from .dropout import dropout_mask
 from .ops import BACKENDS, PrefixAttentionFunction, available_backends, prefix_attention
 from .reference import prefix_attention_reference
 from .varlen import prefix_attention_varlen
@@ -16,6 +17,7 @@ __all__ = [
     "prefix_attention_varlen",
     "PrefixAttentionFunction",
     "prefix_attention_reference",
+    "dropout_mask",
     "available_backends",
     "BACKENDS",
     "PrefixTuning",

@@ -107,22 +107,33 @@ def _module():
     return mod
 
 
+def _dropout_args(dropout_p, dropout_seed, batch_offset) -> dict:
+    if dropout_p <= 0:
+        return {}
+    return dict(dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_batch_offset=int(batch_offset))
+
+
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], causal: bool,
                     softmax_scale: float, softcap: float = 0.0, prefix_ids: Optional[torch.Tensor] = None,
-                    prefix_lengths: Optional[torch.Tensor] = None):
-    """-> (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 inputs)."""
+                    prefix_lengths: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    dropout_seed: Optional[torch.Tensor] = None, dropout_batch_offset: int = 0):
+    """-> (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 inputs).
+    dropout_seed: an int64 0-d tensor (needed when dropout_p > 0); rows are numbered from dropout_batch_offset."""
     out, lse = _module().fwd(q, k, v, prefix_k, prefix_v, attention_mask, bool(causal), float(softmax_scale),
-                             float(softcap), prefix_ids=prefix_ids, prefix_lengths=prefix_lengths)
+                             float(softcap), prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
+                             **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset))
     return out, lse
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], out, lse,
                     causal: bool, softmax_scale: float, softcap: float = 0.0, need_dq: bool = True,
                     need_dkv: bool = True, need_dprefix: bool = True, prefix_ids: Optional[torch.Tensor] = None,
-                    prefix_lengths: Optional[torch.Tensor] = None):
+                    prefix_lengths: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    dropout_seed: Optional[torch.Tensor] = None, dropout_batch_offset: int = 0):
     """-> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype; None for the ones not asked for."""
     dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse,
                                          bool(causal), float(softmax_scale), float(softcap), bool(need_dq),
                                          bool(need_dkv), bool(need_dprefix), prefix_ids=prefix_ids,
-                                         prefix_lengths=prefix_lengths)
+                                         prefix_lengths=prefix_lengths,
+                                         **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset))
     return dq, dk, dv, dpk, dpv

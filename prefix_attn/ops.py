@@ -10,15 +10,16 @@ Name chain::
 Every backend module exposes the same two launchers::
 
     prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap,
-                    prefix_ids=None, prefix_lengths=None) -> (out, lse)
+                    prefix_ids=None, prefix_lengths=None, dropout_p=0.0, dropout_seed=None) -> (out, lse)
     prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
-                    need_dq, need_dkv, need_dprefix, prefix_ids=None, prefix_lengths=None)
-                    -> (dq, dk, dv, dprefix_k, dprefix_v)
+                    need_dq, need_dkv, need_dprefix, prefix_ids=None, prefix_lengths=None, dropout_p=0.0,
+                    dropout_seed=None) -> (dq, dk, dv, dprefix_k, dprefix_v)
 
 with ``attention_mask`` either None or a bool ``[batch, len_k]`` tensor, ``softmax_scale`` a float, ``softcap``
 a float (0 = no capping, the plain code path; else scores ``s -> softcap * tanh(s / softcap)``), ``prefix_ids``
 None (``prefix_k`` is ``[Hkv, P, D]``) or an int tensor ``[batch]`` (``prefix_k`` is a bank ``[N, Hkv, P, D]``),
-``prefix_lengths`` None or an int tensor ``[N]``, ``lse``
+``prefix_lengths`` None or an int tensor ``[N]``, ``dropout_p`` a float in [0, 1) with ``dropout_seed`` an int64
+0-d tensor on the inputs' device (the mask of ``prefix_attn/dropout.py``), ``lse``
 a float32 ``[batch, heads_q, len_q]`` natural-log log-sum-exp (+inf where a query sees no key), and
 gradients the unneeded ones of which may be None.
 """
@@ -32,6 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import dropout as _dropout
 from .reference import prefix_attention_reference
 
 __all__ = ["prefix_attention", "PrefixAttentionFunction", "available_backends", "BACKENDS"]
@@ -245,16 +247,17 @@ def _backend_module(name: str):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
             attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
             prefix_lengths: Optional[torch.Tensor], causal: bool, softmax_scale: float, softcap: float,
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+            dropout_p: float, dropout_seed: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_bank_values(prefix_k, prefix_ids, prefix_lengths)
     return _backend_module(backend).prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal,
                                                     softmax_scale, softcap, prefix_ids=prefix_ids,
-                                                    prefix_lengths=prefix_lengths)
+                                                    prefix_lengths=prefix_lengths, dropout_p=dropout_p,
+                                                    dropout_seed=dropout_seed)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale, softcap,
-      backend):
+      dropout_p, dropout_seed, backend):
     # the CPU kernel keeps lse in float64 for float64 inputs (gradcheck precision); float32 everywhere else
     lse_dtype = torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
@@ -264,12 +267,13 @@ def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, c
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
             prefix_v: torch.Tensor, attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
             prefix_lengths: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
-            softmax_scale: float, softcap: float, backend: str, need_dq: bool, need_dkv: bool,
+            softmax_scale: float, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor], backend: str,
+            need_dq: bool, need_dkv: bool,
             need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backend_module(backend).prefix_attn_bwd(
         dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
         need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids,
-        prefix_lengths=prefix_lengths)
+        prefix_lengths=prefix_lengths, dropout_p=dropout_p, dropout_seed=dropout_seed)
     return _op_grads(q, grads)
 
 
@@ -293,7 +297,7 @@ def _input_grads(needs, grads, num_other_inputs: int):
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, causal,
-      softmax_scale, softcap, backend, need_dq, need_dkv, need_dprefix):
+      softmax_scale, softcap, dropout_p, dropout_seed, backend, need_dq, need_dkv, need_dprefix):
     return _fake_grads(q, k, v, prefix_k, prefix_v, need_dq, need_dkv, need_dprefix)
 
 
@@ -302,22 +306,25 @@ class PrefixAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale,
-                softcap, backend):
+                softcap, dropout_p, dropout_seed, backend):
         out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal,
-                           softmax_scale, softcap, backend)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths)
+                           softmax_scale, softcap, dropout_p, dropout_seed, backend)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths,
+                              dropout_seed)
         ctx.causal, ctx.softmax_scale, ctx.softcap, ctx.backend = causal, softmax_scale, softcap, backend
+        ctx.dropout_p = dropout_p
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths, seed = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grads = _bwd_op(
             dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, out, lse, ctx.causal,
-            ctx.softmax_scale, ctx.softcap, ctx.backend, needs[0], needs[1] or needs[2], needs[3] or needs[4],
+            ctx.softmax_scale, ctx.softcap, ctx.dropout_p, seed, ctx.backend, needs[0], needs[1] or needs[2],
+            needs[3] or needs[4],
         )
-        return _input_grads(needs, grads, 7)
+        return _input_grads(needs, grads, 9)
 
 
 def prefix_attention(
@@ -333,6 +340,8 @@ def prefix_attention(
     softcap: float = 0.0,
     prefix_ids: Optional[torch.Tensor] = None,
     prefix_lengths: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention over a shared prefix K/V block (or one entry of a bank per row) plus the text K/V, without
@@ -351,6 +360,11 @@ def prefix_attention(
         prefix_ids:     int ``[batch]`` with values in ``[0, N)``: row ``b`` sees bank entry ``prefix_ids[b]`` only
         prefix_lengths: int ``[N]``, ``0 <= prefix_lengths[n] <= P``: entry ``n`` has its first
                         ``prefix_lengths[n]`` slots only (the rest are invisible and get zero gradient)
+        dropout_p:      in ``[0, 1)``: attention dropout after the softmax, prefix and text columns alike (each
+                        probability kept with probability ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)``),
+                        as ``F.dropout(softmax(scores)) @ V``; the mask is regenerated in backward, never stored
+        dropout_seed:   int in ``[0, 2**63)``: the keep mask is ``prefix_attn.dropout_mask(..., seed)`` on every
+                        backend; None draws a seed from torch's generator of the inputs' device
         backend:        None (CUDA -> "triton", CPU -> "cpu" if built else "torch"), or force one of those
 
     Returns:
@@ -369,6 +383,9 @@ def prefix_attention(
     each entry's gradient over the rows that chose it, zero for entries no row chose), deterministically.
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths)
+    _dropout.check_dropout(dropout_p, dropout_seed)
+    dropout_p = float(dropout_p)
+    seed = _dropout.seed_tensor(dropout_seed, q.device) if dropout_p > 0 else None
     backend = _pick_backend(q, backend)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
@@ -378,7 +395,8 @@ def prefix_attention(
             _check_bank_values(prefix_k, prefix_ids, prefix_lengths)
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=bool(causal), softmax_scale=scale,
                                           attention_mask=mask, softcap=float(softcap), prefix_ids=prefix_ids,
-                                          prefix_lengths=prefix_lengths)
+                                          prefix_lengths=prefix_lengths, dropout_p=dropout_p,
+                                          dropout_seed=None if seed is None else int(seed))
     if backend == "triton":
         if head_dim > TRITON_MAX_HEAD_DIM:
             raise ValueError(f"head_dim={head_dim} (q.shape[3]) is above the Triton kernels' limit of "
@@ -386,4 +404,4 @@ def prefix_attention(
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths,
-                                         bool(causal), scale, float(softcap), backend)
+                                         bool(causal), scale, float(softcap), dropout_p, seed, backend)

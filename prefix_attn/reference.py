@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .dropout import dropout_mask
+
 __all__ = ["visible_mask", "prefix_attention_reference", "attention_flops"]
 
 
@@ -72,6 +74,9 @@ def prefix_attention_reference(
     softcap: float = 0.0,
     prefix_ids: Optional[torch.Tensor] = None,
     prefix_lengths: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    dropout_batch_offset: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
 ):
@@ -83,6 +88,10 @@ def prefix_attention_reference(
 
     ``softcap > 0`` caps every score (prefix and text): ``s -> softcap * tanh(s / softcap)`` before the
     softmax, as flash-attention and Gemma 2 do; 0 leaves the scores as they are.
+
+    ``dropout_p > 0`` drops attention probabilities (prefix and text columns alike) with the keep mask
+    ``prefix_attn.dropout.dropout_mask(..., dropout_seed, batch_offset=dropout_batch_offset)`` the kernels use, and
+    scales the kept ones by ``1 / (1 - dropout_p)``; ``dropout_seed`` must then be an int. ``lse`` ignores dropout.
 
     Math runs in ``compute_dtype`` (default: float64 for float64 inputs, float32 otherwise); the
     output has the dtype of ``q``. A query that sees no key at all (possible only with ``P == 0`` and
@@ -124,6 +133,12 @@ def prefix_attention_reference(
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_p > 0:
+        if dropout_seed is None:
+            raise ValueError("the reference needs an int dropout_seed with dropout_p > 0")
+        keep = dropout_mask(batch, heads_q, len_q, num_prefix, len_k, dropout_p, int(dropout_seed), device=q.device,
+                            batch_offset=dropout_batch_offset)
+        probs = probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
     out = torch.matmul(probs, values).to(q.dtype)
     if not return_lse:
         return out

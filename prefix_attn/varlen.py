@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import dropout as _dropout
 from . import ops
 from .reference import prefix_attention_reference
 
@@ -42,8 +43,9 @@ def _as4(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 def prefix_attention_varlen_reference(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, *, causal=True,
                                       softmax_scale=None, softcap=0.0, prefix_ids=None, prefix_lengths=None,
-                                      compute_dtype=None):
-    """The padded reference run on each sequence alone; differentiable, the oracle of the varlen tests."""
+                                      dropout_p=0.0, dropout_seed=None, compute_dtype=None):
+    """The padded reference run on each sequence alone (sequence s is dropout row s); differentiable, the oracle
+    of the varlen tests."""
     outs = []
     for s, (q0, q1, k0, k1) in enumerate(_seqs(cu_seqlens_q, cu_seqlens_k)):
         bank = {}
@@ -51,6 +53,7 @@ def prefix_attention_varlen_reference(q, k, v, prefix_k, prefix_v, cu_seqlens_q,
             bank = {"prefix_ids": prefix_ids[s:s + 1], "prefix_lengths": prefix_lengths}
         o = prefix_attention_reference(_as4(q, q0, q1), _as4(k, k0, k1), _as4(v, k0, k1), prefix_k, prefix_v,
                                        causal=causal, softmax_scale=softmax_scale, softcap=softcap,
+                                       dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_batch_offset=s,
                                        compute_dtype=compute_dtype, **bank)
         outs.append(o[0].transpose(0, 1))
     if not outs:
@@ -113,7 +116,7 @@ def _check_offsets(q, k, cu_q, cu_k, max_q, max_k) -> None:
                              f"positions of their sequence")
 
 
-def _cpu_fwd(q, k, v, pk, pv, cu_q, cu_k, causal, scale, softcap, prefix_ids, prefix_lengths):
+def _cpu_fwd(q, k, v, pk, pv, cu_q, cu_k, causal, scale, softcap, prefix_ids, prefix_lengths, drop):
     from . import cpu  # noqa: PLC0415
 
     out = torch.empty(q.shape, dtype=q.dtype)
@@ -122,14 +125,14 @@ def _cpu_fwd(q, k, v, pk, pv, cu_q, cu_k, causal, scale, softcap, prefix_ids, pr
     for s, (q0, q1, k0, k1) in enumerate(_seqs(cu_q, cu_k)):
         bank = {} if prefix_ids is None else {"prefix_ids": prefix_ids[s:s + 1], "prefix_lengths": prefix_lengths}
         o, l_s = cpu.prefix_attn_fwd(_as4(q, q0, q1), _as4(k, k0, k1), _as4(v, k0, k1), pk, pv, None, causal, scale,
-                                     softcap, **bank)
+                                     softcap, **bank, **drop, dropout_batch_offset=s)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l_s[0]
     return out, lse
 
 
 def _cpu_bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, causal, scale, softcap, needs, prefix_ids,
-             prefix_lengths):
+             prefix_lengths, drop):
     from . import cpu  # noqa: PLC0415
 
     need_dq, need_dkv, need_dprefix = needs
@@ -142,7 +145,8 @@ def _cpu_bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, causal, scale, softcap
         bank = {} if prefix_ids is None else {"prefix_ids": prefix_ids[s:s + 1], "prefix_lengths": prefix_lengths}
         g = cpu.prefix_attn_bwd(_as4(dout, q0, q1), _as4(q, q0, q1), _as4(k, k0, k1), _as4(v, k0, k1), pk, pv, None,
                                 _as4(out, q0, q1), lse[:, q0:q1].unsqueeze(0), causal, scale, softcap,
-                                need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, **bank)
+                                need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, **bank, **drop,
+                                dropout_batch_offset=s)
         if need_dq:
             dq[q0:q1] = g[0][0].transpose(0, 1)
         if need_dkv:
@@ -158,21 +162,23 @@ def _cpu_bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, causal, scale, softcap
 def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                    prefix_ids: Optional[torch.Tensor], prefix_lengths: Optional[torch.Tensor], causal: bool,
-                   softmax_scale: float, softcap: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                   softmax_scale: float, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor],
+                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops._check_bank_values(prefix_k, prefix_ids, prefix_lengths)
+    drop = dict(dropout_p=dropout_p, dropout_seed=dropout_seed)
     if backend == "cpu":
         return _cpu_fwd(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, softcap,
-                        prefix_ids, prefix_lengths)
+                        prefix_ids, prefix_lengths, drop)
     return ops._backend_module(backend).prefix_attn_fwd(
         q, k, v, prefix_k, prefix_v, None, causal, softmax_scale, softcap, prefix_ids=prefix_ids,
         prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **drop)
 
 
 @_varlen_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, prefix_ids, prefix_lengths, causal, softmax_scale,
-      softcap, backend):
+      softcap, dropout_p, dropout_seed, backend):
     lse_dtype = torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]),
                                                                                    dtype=lse_dtype)
@@ -183,23 +189,25 @@ def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                    prefix_ids: Optional[torch.Tensor], prefix_lengths: Optional[torch.Tensor], causal: bool,
-                   softmax_scale: float, softcap: float, backend: str, need_dq: bool, need_dkv: bool,
+                   softmax_scale: float, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor],
+                   backend: str, need_dq: bool, need_dkv: bool,
                    need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    drop = dict(dropout_p=dropout_p, dropout_seed=dropout_seed)
     if backend == "cpu":
         grads = _cpu_bwd(dout, q, k, v, prefix_k, prefix_v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
-                         softmax_scale, softcap, (need_dq, need_dkv, need_dprefix), prefix_ids, prefix_lengths)
+                         softmax_scale, softcap, (need_dq, need_dkv, need_dprefix), prefix_ids, prefix_lengths, drop)
     else:
         grads = ops._backend_module(backend).prefix_attn_bwd(
             dout, q, k, v, prefix_k, prefix_v, None, out, lse, causal, softmax_scale, softcap, need_dq=need_dq,
             need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k)
+            max_seqlen_k=max_seqlen_k, **drop)
     return ops._op_grads(q, grads)
 
 
 @_varlen_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, max_q, max_k, prefix_ids, prefix_lengths, causal,
-      softmax_scale, softcap, backend, need_dq, need_dkv, need_dprefix):
+      softmax_scale, softcap, dropout_p, dropout_seed, backend, need_dq, need_dkv, need_dprefix):
     return ops._fake_grads(q, k, v, prefix_k, prefix_v, need_dq, need_dkv, need_dprefix)
 
 
@@ -208,40 +216,45 @@ class PrefixAttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, prefix_ids, prefix_lengths, causal,
-                softmax_scale, softcap, backend):
+                softmax_scale, softcap, dropout_p, dropout_seed, backend):
         out, lse = _varlen_fwd_op(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, prefix_ids, prefix_lengths,
-                                  causal, softmax_scale, softcap, backend)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, prefix_ids, prefix_lengths)
-        ctx.args = (max_q, max_k, causal, softmax_scale, softcap, backend)
+                                  causal, softmax_scale, softcap, dropout_p, dropout_seed, backend)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, prefix_ids, prefix_lengths,
+                              dropout_seed)
+        ctx.args = (max_q, max_k, causal, softmax_scale, softcap, dropout_p, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, prefix_ids, prefix_lengths = ctx.saved_tensors
-        max_q, max_k, causal, softmax_scale, softcap, backend = ctx.args
+        q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, prefix_ids, prefix_lengths, seed = ctx.saved_tensors
+        max_q, max_k, causal, softmax_scale, softcap, dropout_p, backend = ctx.args
         needs = ctx.needs_input_grad
         grads = _varlen_bwd_op(
             dout.contiguous(), q, k, v, prefix_k, prefix_v, out, lse, cu_q, cu_k, max_q, max_k, prefix_ids,
-            prefix_lengths, causal, softmax_scale, softcap, backend, needs[0], needs[1] or needs[2],
+            prefix_lengths, causal, softmax_scale, softcap, dropout_p, seed, backend, needs[0], needs[1] or needs[2],
             needs[3] or needs[4])
-        return ops._input_grads(needs, grads, 10)
+        return ops._input_grads(needs, grads, 12)
 
 
 def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                             max_seqlen_k: int, *, causal: bool = True, softmax_scale: Optional[float] = None,
                             softcap: float = 0.0, prefix_ids: Optional[torch.Tensor] = None,
-                            prefix_lengths: Optional[torch.Tensor] = None,
-                            backend: Optional[str] = None) -> torch.Tensor:
+                            prefix_lengths: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                            dropout_seed: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Prefix attention over packed sequences (shapes in the module docstring); -> ``[total_q, heads_q, head_dim]``.
 
     Sequence ``s`` sees every prefix slot (of entry ``prefix_ids[s]`` with a bank) and, when ``causal``, its own
     text keys up to its bottom-right diagonal; sequences of length 0 are allowed. Gradients flow to all five
-    tensors, the prefix gradients summed over the sequences.
+    tensors, the prefix gradients summed over the sequences. ``dropout_p`` / ``dropout_seed`` as in
+    ``prefix_attention``, sequence ``s`` taking the place of batch row ``s`` in the dropout mask.
     """
     _check_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_ids,
                   prefix_lengths)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
         raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap!r}")
+    _dropout.check_dropout(dropout_p, dropout_seed)
+    dropout_p = float(dropout_p)
+    seed = _dropout.seed_tensor(dropout_seed, q.device) if dropout_p > 0 else None
     backend = ops._pick_backend(q, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if backend == "torch":
@@ -250,9 +263,10 @@ def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlen
             ops._check_bank_values(prefix_k, prefix_ids, prefix_lengths)
         return prefix_attention_varlen_reference(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
                                                  causal=bool(causal), softmax_scale=scale, softcap=float(softcap),
-                                                 prefix_ids=prefix_ids, prefix_lengths=prefix_lengths)
+                                                 prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
+                                                 dropout_p=dropout_p, dropout_seed=None if seed is None else int(seed))
     if backend == "triton" and q.dtype == torch.float64 and q.is_cuda:
         raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
     return PrefixAttentionVarlenFunction.apply(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
                                                int(max_seqlen_q), int(max_seqlen_k), prefix_ids, prefix_lengths,
-                                               bool(causal), scale, float(softcap), backend)
+                                               bool(causal), scale, float(softcap), dropout_p, seed, backend)

@@ -33,6 +33,12 @@ Base offsets are 64-bit scalars (a tensor row may exceed 2**31 elements); offset
 Softcapping (``SOFTCAP``, compile-time): a score ``s = softmax_scale * q.k`` becomes ``c * tanh(s / c)`` before
 the softmax (prefix and text columns alike); the kernels get ``cap_in = softmax_scale / c`` and
 ``cap_out = c * log2(e)``, and the backward multiplies dS by ``1 - tanh^2``, recomputed from the scores.
+
+Attention dropout (``DROPOUT``, compile-time): every kernel regenerates the keep mask of a score tile from
+(seed, b, h, query, column) with Philox (``_dropout_keep``, the mask of ``prefix_attn/dropout.py``); SEED is an
+int64 0-d tensor, ``drop_thr = floor(p * 2**31)`` and ``drop_scale = 1 / (1 - p)``. The forward sums the
+probabilities before dropout into l and the dropped ones into the output; the backward uses
+dV = (P * Z)^T dO and dS = P * (Z * dP - delta) with Z = keep * drop_scale.
 """
 
 import triton
@@ -56,6 +62,30 @@ def _dot(a, b, PRECISION: tl.constexpr):
 def _tanh(x):
     """tanh through exp2 (interpreter and GPU alike); saturates to +-1 without overflow trouble."""
     return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, q_idx, cols, drop_thr):
+    """Keep mask (bool, the broadcast shape of q_idx and cols: int32 query rows and columns, prefix slots first) of
+    batch row b, query head h: Philox-4x32-10 keyed by the int64 seed on the counter (col // 4, query, h, b), output
+    col % 4, kept when its top 31 bits are >= drop_thr."""
+    zero = (q_idx + cols) * 0
+    c0 = (cols // 4 + zero).to(tl.uint32)
+    c1 = (q_idx + zero).to(tl.uint32)
+    c2 = (zero + h).to(tl.uint32)
+    c3 = (zero + b).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    sel = (cols + zero) % 4
+    r = tl.where(sel == 0, r0, tl.where(sel == 1, r1, tl.where(sel == 2, r2, r3)))
+    return (r >> 1).to(tl.int32) >= drop_thr
+
+
+@triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
 
 
 @triton.jit
@@ -159,9 +189,10 @@ def _causal_bounds(start_m, Tk, DIAG, CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
-    """One online-softmax step over a key block. k_t: [D, N], v: [N, D]; visible: [M, N] bool when MASKED.
+def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed, b, h, q_idx, cols, drop_thr,
+              MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+    """One online-softmax step over a key block. k_t: [D, N], v: [N, D]; visible: [M, N] bool when MASKED;
+    q_idx [M] / cols [N]: query rows and dropout columns (DROPOUT).
 
     m_i is the running max of the base-2 scores; with MASKED a row may still have seen nothing (m_i = -inf)."""
     qk = _dot(q, k_t, PRECISION)
@@ -181,13 +212,15 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out,
     p = tl.math.exp2(s * scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed, b, h, q_idx[:, None], cols[None, :], drop_thr), p, 0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    Q, K, V, PK, PV, MASK, IDS, LENS, CU_Q, CU_K, O, LSE,
+    Q, K, V, PK, PV, MASK, IDS, LENS, CU_Q, CU_K, SEED, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -196,9 +229,9 @@ def _prefix_attn_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh,
-    H, GROUP, Tq, Tk, P, qk_scale, cap_in, cap_out,
+    H, GROUP, Tq, Tk, P, qk_scale, cap_in, cap_out, drop_thr, drop_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b, h, hk, q_row0, k_row0, Tq, Tk, start_m = _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL, VARLEN, BLOCK_M)
@@ -215,40 +248,42 @@ def _prefix_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    seed = _load_seed(SEED, DROPOUT)
+
     # prefix: this row's entry, read in place, visible to every query; only the ragged end is masked
-    e, P = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
+    e, n_slots = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
     pk_base = PK + e * stride_pke + hk * stride_pkh
     pv_base = PV + e * stride_pve + hk * stride_pvh
-    p_full = P // BLOCK_N * BLOCK_N
+    p_full = n_slots // BLOCK_N * BLOCK_N
     for start_n in range(0, p_full, BLOCK_N):
         k = _load_t(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, rows_n,
                   HEAD_DIM, BLOCK_D, False)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, rows_n,
                   HEAD_DIM, BLOCK_D, False)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, 0, qk_scale, cap_in, cap_out,
-                                  False, PRECISION, SOFTCAP)
-    for start_n in range(p_full, P, BLOCK_N):  # the ragged end: at most one block (a loop keeps it compact)
-        in_range = start_n + rows_n < P
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                                  start_n + rows_n, drop_thr, False, PRECISION, SOFTCAP, DROPOUT)
+    for start_n in range(p_full, n_slots, BLOCK_N):  # the ragged end: at most one block (a loop keeps it compact)
+        in_range = start_n + rows_n < n_slots
         k = _load_t(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, in_range,
                     HEAD_DIM, BLOCK_D, True)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, in_range,
                   HEAD_DIM, BLOCK_D, True)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, in_range[None, :], qk_scale, cap_in, cap_out,
-                                  True, PRECISION, SOFTCAP)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, in_range[None, :], qk_scale, cap_in, cap_out, seed, b, h,
+                                  offs_m, start_n + rows_n, drop_thr, True, PRECISION, SOFTCAP, DROPOUT)
 
     # text: whole blocks below the diagonal (masked only by padding), then the diagonal blocks and the tail
     k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k_row0 * stride_vn
     mask_base = MASK + b * stride_mb
     full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
-    for _ in range(0, full_hi, BLOCK_N):  # running 64-bit pointers: no 32-bit start_n * stride product
+    for start_n in range(0, full_hi, BLOCK_N):  # running 64-bit pointers: no 32-bit start_n * stride product
         k = _load_t(k_base, rows_n, offs_d, stride_kn, stride_kd, rows_n, HEAD_DIM, BLOCK_D, False)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, rows_n, HEAD_DIM, BLOCK_D, False)
         visible = 0
         if HAS_MASK:
             visible = (tl.load(mask_base + rows_n * stride_mn) != 0)[None, :]
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out,
-                                  HAS_MASK, PRECISION, SOFTCAP)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                                  P + start_n + rows_n, drop_thr, HAS_MASK, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
@@ -262,15 +297,18 @@ def _prefix_attn_fwd_kernel(
             visible = visible & (cols[None, :] <= offs_m[:, None] + DIAG)
         if HAS_MASK:
             visible = visible & (tl.load(mask_base + rows_n * stride_mn, mask=in_range, other=0) != 0)[None, :]
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out,
-                                  True, PRECISION, SOFTCAP)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                                  P + cols, drop_thr, True, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
 
     empty = l_i == 0.0  # saw no key at all: output 0, lse = +inf so backward's p = exp(s - lse) = 0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = acc * (drop_scale / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_base = O + b * stride_ob + h * stride_oh + (q_row0 + start_m.to(tl.int64)) * stride_om
     _store(o_base, rows_m, offs_d, stride_om, stride_od, out.to(O.dtype.element_ty), m_valid, HEAD_DIM, BLOCK_D)

@@ -6,7 +6,18 @@ Layouts, conventions and the helpers they share are described in ``kernels.py``.
 import triton
 import triton.language as tl
 
-from .kernels import _causal_bounds, _dot, _load, _query_block, _row_prefix, _seq_bounds, _store, _tanh
+from .kernels import (
+    _causal_bounds,
+    _dot,
+    _dropout_keep,
+    _load,
+    _load_seed,
+    _query_block,
+    _row_prefix,
+    _seq_bounds,
+    _store,
+    _tanh,
+)
 
 
 @triton.jit
@@ -33,10 +44,12 @@ def _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
 
 @triton.jit
 def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
-                 MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+                 seed, b, h, q_idx, cols, drop_thr, drop_scale,
+                 MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """One query block's contribution to dK/dV of a key block, in transposed form.
 
-    k, v, dk, dv: [N, D] (dk, dv float32); q, do: [M, D]; visible_t: [N, M] bool when MASKED."""
+    k, v, dk, dv: [N, D] (dk, dv float32); q, do: [M, D]; visible_t: [N, M] bool when MASKED; q_idx [M] and
+    cols [N] (dropout columns) name the tile for DROPOUT."""
     qk_t = _dot(k, tl.trans(q), PRECISION)  # [N, M]
     if SOFTCAP:
         t_t = _tanh(qk_t * cap_in)
@@ -45,8 +58,13 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(visible_t, p_t, 0.0)
-    dv += _dot(p_t.to(do.dtype), do, PRECISION)
     dp_t = _dot(v, tl.trans(do), PRECISION)  # [N, M]
+    if DROPOUT:
+        keep_t = _dropout_keep(seed, b, h, q_idx[None, :], cols[:, None], drop_thr)
+        dv += _dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, PRECISION)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        dv += _dot(p_t.to(do.dtype), do, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
         ds_t = ds_t * (1.0 - t_t * t_t)
@@ -56,7 +74,7 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
 
 @triton.jit
 def _prefix_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV,
+    Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, SEED, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -64,9 +82,9 @@ def _prefix_attn_bwd_dkdv_kernel(
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_lb, stride_lh,
-    H, HKV, GROUP, Tq, Tk, qk_scale, sm_scale, cap_in, cap_out,
+    H, HKV, GROUP, Tq, Tk, P, qk_scale, sm_scale, cap_in, cap_out, drop_thr, drop_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Text dK/dV: one program per (key block, b * Hkv). One flat loop over (query head of the group, query
@@ -83,6 +101,7 @@ def _prefix_attn_bwd_dkdv_kernel(
     offs_n = start_n + rows_n
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < Tk
+    seed = _load_seed(SEED, DROPOUT)
     start = k_row0 + start_n.to(tl.int64)
     k = _load(K + b * stride_kb + hk * stride_kh + start * stride_kn, rows_n, offs_d, stride_kn, stride_kd, n_valid,
               HEAD_DIM, BLOCK_D, True)
@@ -108,7 +127,7 @@ def _prefix_attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         visible_t = offs_n[:, None] <= offs_m[None, :] + DIAG
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
-                              True, PRECISION, SOFTCAP)
+                              seed, b, h, offs_m, P + offs_n, drop_thr, drop_scale, True, PRECISION, SOFTCAP, DROPOUT)
     for u in range(0, GROUP * n_full):
         h = hk * GROUP + u // n_full
         start_m = full_lo + (u % n_full) * BLOCK_M
@@ -117,7 +136,8 @@ def _prefix_attn_bwd_dkdv_kernel(
                                               stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
-                              False, PRECISION, SOFTCAP)
+                              seed, b, h, start_m + tl.arange(0, BLOCK_M), P + offs_n, drop_thr, drop_scale,
+                              False, PRECISION, SOFTCAP, DROPOUT)
     if HAS_MASK:  # a padded key has p = 0 for every query: its rows of dK and dV are exactly zero
         keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_valid, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
@@ -132,15 +152,16 @@ def _prefix_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _prefix_attn_bwd_dprefix_kernel(
-    Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, CU_Q, DPK, DPV,
+    Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, CU_Q, SEED, DPK, DPV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pke, stride_pkh, stride_pkn, stride_pkd,
     stride_pve, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh,
-    H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, UNITS, UNITS_PER_SPLIT, SPLITS,
+    H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, drop_thr, drop_scale,
+    UNITS, UNITS_PER_SPLIT, SPLITS,
     PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Prefix dK/dV, split for parallelism: one program per (prefix block from N_START, kv head, used entry u and
@@ -159,6 +180,7 @@ def _prefix_attn_bwd_dprefix_kernel(
     offs_n = N_START + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < P
+    seed = _load_seed(SEED, DROPOUT)
     e = 0
     row_start = 0
     units = UNITS
@@ -191,7 +213,8 @@ def _prefix_attn_bwd_dprefix_kernel(
                                               stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
-                              False, PRECISION, SOFTCAP)
+                              seed, b, h, start_m + tl.arange(0, BLOCK_M), offs_n, drop_thr, drop_scale,
+                              False, PRECISION, SOFTCAP, DROPOUT)
     if HAS_LENS:  # invisible slots: exactly zero
         visible = (offs_n < tl.load(LENS + e))[:, None]
         dk = tl.where(visible, dk, 0.0)
@@ -224,7 +247,8 @@ def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, P
 
 @triton.jit
 def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out,
-                MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+                seed, b, h, q_idx, cols, drop_thr, drop_scale,
+                MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ contribution of one key block. k, v: [N, D]; a zero row of k contributes nothing."""
     qk = _dot(q, tl.trans(k), PRECISION)
     if SOFTCAP:
@@ -235,6 +259,8 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
     if MASKED:
         p = tl.where(visible, p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION)
+    if DROPOUT:
+        dp = tl.where(_dropout_keep(seed, b, h, q_idx[:, None], cols[None, :], drop_thr), dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -244,7 +270,7 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
 
 @triton.jit
 def _prefix_attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, CU_Q, CU_K, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, CU_Q, CU_K, SEED, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -254,9 +280,9 @@ def _prefix_attn_bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_lb, stride_lh,
-    H, GROUP, Tq, Tk, P, qk_scale, sm_scale, cap_in, cap_out,
+    H, GROUP, Tq, Tk, P, qk_scale, sm_scale, cap_in, cap_out, drop_thr, drop_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ: one program per (query block, b * Hq), over the row's prefix blocks then the visible text blocks.
@@ -273,29 +299,32 @@ def _prefix_attn_bwd_dq_kernel(
                                           stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                           HEAD_DIM, BLOCK_M, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = _load_seed(SEED, DROPOUT)
 
-    e, P = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
+    e, n_slots = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
     pk_base = PK + e * stride_pke + hk * stride_pkh
     pv_base = PV + e * stride_pve + hk * stride_pvh
-    for start_n in range(0, P, BLOCK_N):
-        in_range = start_n + rows_n < P
+    for start_n in range(0, n_slots, BLOCK_N):
+        in_range = start_n + rows_n < n_slots
         k = _load(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, in_range,
                   HEAD_DIM, BLOCK_D, True)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, in_range,
                   HEAD_DIM, BLOCK_D, True)
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, False, PRECISION, SOFTCAP)
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                         start_n + rows_n, drop_thr, drop_scale, False, PRECISION, SOFTCAP, DROPOUT)
 
     k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k_row0 * stride_vn
     mask_base = MASK + b * stride_mb
     full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
-    for _ in range(0, full_hi, BLOCK_N):  # running 64-bit pointers, as in the forward
+    for start_n in range(0, full_hi, BLOCK_N):  # running 64-bit pointers, as in the forward
         keep = rows_n
         if HAS_MASK:
             keep = tl.load(mask_base + rows_n * stride_mn) != 0
         k = _load(k_base, rows_n, offs_d, stride_kn, stride_kd, keep, HEAD_DIM, BLOCK_D, HAS_MASK)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, rows_n, HEAD_DIM, BLOCK_D, False)
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, False, PRECISION, SOFTCAP)
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                         P + start_n + rows_n, drop_thr, drop_scale, False, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
@@ -308,8 +337,8 @@ def _prefix_attn_bwd_dq_kernel(
         k = _load(k_base, rows_n, offs_d, stride_kn, stride_kd, keep, HEAD_DIM, BLOCK_D, True)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, in_range, HEAD_DIM, BLOCK_D, True)
         visible = cols[None, :] <= offs_m[:, None] + DIAG
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out, CAUSAL, PRECISION,
-                         SOFTCAP)
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+                         P + cols, drop_thr, drop_scale, CAUSAL, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn

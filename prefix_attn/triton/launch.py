@@ -70,23 +70,27 @@ def _on_device(t: torch.Tensor):
 
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float,
                     softcap: float = 0.0, prefix_ids=None, prefix_lengths=None, cu_seqlens_q=None,
-                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0, dropout_p: float = 0.0,
+                    dropout_seed=None):
     """Padded ([B, H, T, D]) or, with cu_seqlens_q/k, packed ([total, H, D]) inputs; lse [B, Hq, Tq] or
-    [Hq, total_q]."""
+    [Hq, total_q]. dropout_seed: int64 0-d tensor on q's device, needed when dropout_p > 0."""
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
         layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return _fwd(q, k, v, bank, layout, attention_mask, causal, softmax_scale, softcap)
+        drop = _Dropout(dropout_p, dropout_seed, q)
+        return _fwd(q, k, v, bank, layout, drop, attention_mask, causal, softmax_scale, softcap)
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal: bool,
                     softmax_scale: float, softcap: float = 0.0, need_dq: bool = True, need_dkv: bool = True,
                     need_dprefix: bool = True, prefix_ids=None, prefix_lengths=None, cu_seqlens_q=None,
-                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+                    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0, dropout_p: float = 0.0,
+                    dropout_seed=None):
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
         layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return _bwd(dout, q, k, v, bank, layout, attention_mask, out, lse, causal, softmax_scale, softcap,
+        drop = _Dropout(dropout_p, dropout_seed, q)
+        return _bwd(dout, q, k, v, bank, layout, drop, attention_mask, out, lse, causal, softmax_scale, softcap,
                     need_dq, need_dkv, need_dprefix)
 
 
@@ -154,6 +158,20 @@ class _Bank:
                 int(count.max()) if count.numel() else 0)
 
 
+class _Dropout:
+    """Dropout as the kernels see it: the seed tensor (a dummy when off), the 31-bit keep threshold, the scale of
+    kept probabilities and the DROPOUT switch (off for p = 0: the plain kernels)."""
+
+    def __init__(self, dropout_p: float, dropout_seed, q):
+        self.on = dropout_p > 0
+        self.seed = dropout_seed if self.on else q
+        self.threshold = int(dropout_p * 2**31) if self.on else 0  # prefix_attn.dropout.threshold
+        self.scale = 1.0 / (1.0 - dropout_p) if self.on else 1.0
+
+    def args(self):
+        return self.threshold, self.scale
+
+
 def _softcap_args(softmax_scale: float, softcap: float):
     """(cap_in, cap_out, SOFTCAP) kernel arguments; softcap 0 compiles the plain path."""
     if softcap > 0:
@@ -161,7 +179,7 @@ def _softcap_args(softmax_scale: float, softcap: float):
     return 0.0, 0.0, False
 
 
-def _fwd(q, k, v, bank: _Bank, lay: _Layout, attention_mask, causal: bool, softmax_scale: float, softcap: float):
+def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, causal: bool, softmax_scale: float, softcap: float):
     batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
     heads_kv, len_k = lay.heads_kv, lay.len_k
     num_prefix = bank.num_prefix
@@ -176,16 +194,17 @@ def _fwd(q, k, v, bank: _Bank, lay: _Layout, attention_mask, causal: bool, softm
     def run(cfg: tuning.Blocks):
         grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
         _prefix_attn_fwd_kernel[grid](
-            q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k, out, lse,
+            q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k, drop.seed, out, lse,
             *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *mask_strides, *lay.s(out), *lay.lse_strides(),
             heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
+            *drop.args(),
             CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=_precision(q.dtype), SOFTCAP=has_cap, **bank.flags(),
-            VARLEN=lay.varlen,
+            VARLEN=lay.varlen, DROPOUT=drop.on,
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=tuning.block_d(head_dim),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap)
+    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap) + ((True,) if drop.on else ())
     run(tuning.config("fwd", q.dtype, head_dim, dims, q.device, run))
     return out, lse
 
@@ -212,7 +231,7 @@ def _prefix_pieces(num_prefix: int, block_max: int):
     return pieces
 
 
-def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, causal, softmax_scale, softcap,
+def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, out, lse, causal, softmax_scale, softcap,
          need_dq, need_dkv, need_dprefix):
     prefix_k, prefix_v = bank.prefix_k, bank.prefix_v
     batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
@@ -236,7 +255,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, cau
     precision = _precision(q.dtype)
     qk_scale = softmax_scale * LOG2E
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
-    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap, group)
+    dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap, group) + ((True,) if drop.on else ())
     flags = dict(PRECISION=precision, SOFTCAP=has_cap, HEAD_DIM=head_dim, BLOCK_D=bd)
     lse = lse.contiguous()
 
@@ -247,15 +266,16 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, cau
         out, dout, delta, *lay.s(out), *lay.s(dout), heads_q, pre_rows,
         HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
-    seq = dict(VARLEN=lay.varlen)
+    seq = dict(VARLEN=lay.varlen, DROPOUT=drop.on)
     lse_strides = lay.lse_strides()
 
     if need_dkv:
         def run_dkdv(cfg: tuning.Blocks):
             _prefix_attn_bwd_dkdv_kernel[(triton.cdiv(len_k, cfg.block_n), batch * heads_kv)](
-                q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, dk, dv,
+                q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, drop.seed, dk, dv,
                 *lay.s(q), *lay.s(k), *lay.s(v), *lay.s(dout), *mask_strides, *lay.s(dk), *lse_strides,
-                heads_q, heads_kv, group, len_q, len_k, qk_scale, softmax_scale, cap_in, cap_out,
+                heads_q, heads_kv, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
+                *drop.args(),
                 CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **seq,
             )
@@ -281,10 +301,10 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, cau
             for start, block_n, n_blocks in pieces:
                 _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
                     q, bank.k, bank.v, dout, lse, delta, rows, start_row, count, entry, bank.lengths_arg,
-                    lay.cu_q, partial_k, partial_v,
+                    lay.cu_q, drop.seed, partial_k, partial_v,
                     *lay.s(q), *bank.strides(), *lay.s(dout), *lse_strides,
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
-                    cap_in, cap_out, units, per_split, splits,
+                    cap_in, cap_out, *drop.args(), units, per_split, splits,
                     BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps if block_n > 32 else 4,
                     num_stages=cfg.num_stages, **bank.flags(), **flags, **seq,
                 )
@@ -302,9 +322,9 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, attention_mask, out, lse, cau
         def run_dq(cfg: tuning.Blocks):
             _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
                 q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
-                dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides, *lay.s(dq),
+                drop.seed, dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides, *lay.s(dq),
                 *lse_strides,
-                heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
+                heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out, *drop.args(),
                 CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(), **seq,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )

@@ -33,6 +33,7 @@ class Case:
     entries: int = 0  # > 0: a bank of this many prefixes, one chosen per row (prefix_ids)
     ids: str = "random"  # with a bank: "random" (some entries unused), "same" (every row on one), "distinct"
     lengths: bool = False  # with a bank: random per-entry lengths in [0, P] (prefix_lengths)
+    dropout: float = 0.0  # > 0: attention dropout with a fixed seed (the reference applies the same mask)
 
     @property
     def heads_q(self) -> int:
@@ -42,7 +43,8 @@ class Case:
         return (f"B{self.batch}-Hq{self.heads_q}-Hkv{self.heads_kv}-Tq{self.len_q}-Tk{self.len_k}"
                 f"-P{self.num_prefix}-D{self.head_dim}-{'causal' if self.causal else 'full'}"
                 f"{'-mask' if self.masked else ''}{f'-cap{self.softcap:g}' if self.softcap else ''}"
-                f"{f'-bank{self.entries}-{self.ids}' if self.entries else ''}{'-len' if self.lengths else ''}")
+                f"{f'-bank{self.entries}-{self.ids}' if self.entries else ''}{'-len' if self.lengths else ''}"
+                f"{f'-drop{self.dropout:g}' if self.dropout else ''}")
 
 
 # Odd lengths on purpose: 1, 17, 75, 113; P = 0, 1, odd, larger than a block; every GQA ratio in {1, 2, 4};
@@ -83,6 +85,18 @@ BANK_GRID = [
     Case(3, 2, 1, 13, 20, 1, 16, masked=True, entries=3, lengths=True),
 ]
 
+# Attention dropout (p = 0.1 .. 0.5, a fixed 64-bit seed): prefix and text columns, padding, decoding, GQA,
+# P = 0, non-causal, a bank with lengths, softcap.
+DROPOUT_GRID = [
+    Case(2, 2, 2, 75, 75, 7, 64, masked=True, dropout=0.1),
+    Case(1, 1, 4, 113, 113, 3, 24, dropout=0.3),
+    Case(2, 1, 1, 5, 75, 40, 64, masked=True, dropout=0.5),
+    Case(2, 1, 4, 17, 17, 0, 40, causal=False, masked=True, dropout=0.2),
+    Case(1, 2, 1, 1, 17, 7, 32, dropout=0.1),
+    Case(3, 2, 1, 17, 17, 5, 16, entries=4, lengths=True, dropout=0.25),
+    Case(1, 2, 1, 5, 75, 40, 32, softcap=2.5, dropout=0.15),
+]
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Floors, relative to max(1, |reference|): what rounding of the inputs alone can cost.
@@ -119,6 +133,11 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
         pad[0] = 0
         mask = (torch.arange(case.len_k)[None, :] >= pad[:, None]).to(device)
     return q, k, v, pk, pv, mask, dout
+
+
+def dropout_seed_of(seed: int) -> int:
+    """The grid's dropout seed for a case seed: both 32-bit halves of the Philox key in use."""
+    return (seed + 1) * 2**40 + 977 * seed + 12345
 
 
 def make_bank_args(case: Case, device="cpu", seed: int = 0) -> dict:
@@ -162,6 +181,8 @@ def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed:
     """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
     q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
     bank = make_bank_args(case, device, seed)
+    if case.dropout:  # passed to the op and to the references alike: the same keep mask everywhere
+        bank = dict(bank, dropout_p=case.dropout, dropout_seed=dropout_seed_of(seed))
     if case.softcap:
         fn = functools.partial(fn, softcap=case.softcap)
     if bank:

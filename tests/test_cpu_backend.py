@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from prefix_grid import BANK_GRID, DTYPES, GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs
+from prefix_grid import BANK_GRID, DROPOUT_GRID, DTYPES, GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs
 
 from prefix_attn import cpu as cpu_backend
 from prefix_attn import ops, prefix_attention
@@ -68,6 +68,11 @@ def test_softcap_grid(ext, case, dtype):
 
 @pytest.mark.parametrize("case,dtype", grid_params(BANK_GRID, dtypes=DTYPES + [torch.float64]))
 def test_bank_grid(ext, case, dtype):
+    check_case(cpu_fn, case, dtype)
+
+
+@pytest.mark.parametrize("case,dtype", grid_params(DROPOUT_GRID, dtypes=DTYPES + [torch.float64]))
+def test_dropout_grid(ext, case, dtype):
     check_case(cpu_fn, case, dtype)
 
 

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from prefix_grid import BANK_GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
+from prefix_grid import BANK_GRID, DROPOUT_GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
 
 import prefix_attn
 from prefix_attn.reference import prefix_attention_reference
@@ -40,6 +40,12 @@ def test_softcap_grid(case, dtype):
 @needs_triton
 @pytest.mark.parametrize("case,dtype", grid_params(BANK_GRID))
 def test_bank_grid(case, dtype):
+    check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
+
+
+@needs_triton
+@pytest.mark.parametrize("case,dtype", grid_params(DROPOUT_GRID))
+def test_dropout_grid(case, dtype):
     check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
 
 
@@ -147,6 +153,8 @@ GPU_GRID = [
     Case(1, 2, 3, 1023, 1023, 113, 96, causal=False),
     Case(2, 4, 2, 777, 777, 64, 128, masked=True, softcap=2.0),
     Case(2, 12, 1, 1, 1024, 200, 64, softcap=1.0),
+    Case(4, 12, 1, 1024, 1024, 200, 64, masked=True, dropout=0.1),
+    Case(2, 8, 4, 777, 1024, 77, 128, dropout=0.3, entries=3, lengths=True),
 ]
 
 

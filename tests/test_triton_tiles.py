@@ -51,6 +51,8 @@ TILE_CASES = [
     (Case(1, 1, 1, 257, 257, 1, 128, masked=True), torch.bfloat16),
     (Case(3, 1, 2, 150, 200, 70, 64, masked=True, entries=4, lengths=True), torch.float16),  # a bank
     (Case(2, 2, 1, 130, 130, 40, 128, entries=2, ids="distinct"), torch.bfloat16),
+    (Case(1, 1, 2, 150, 200, 70, 64, masked=True, dropout=0.2), torch.float16),  # dropout
+    (Case(2, 1, 1, 70, 97, 17, 40, entries=3, lengths=True, dropout=0.4), torch.float32),
 ]
 
 

@@ -179,7 +179,8 @@ def _softcap_args(softmax_scale: float, softcap: float):
     return 0.0, 0.0, False
 
 
-def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, causal: bool, softmax_scale: float, softcap: float):
+def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, causal: bool, softmax_scale: float,
+         softcap: float):
     batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
     heads_kv, len_k = lay.heads_kv, lay.len_k
     num_prefix = bank.num_prefix
@@ -231,8 +232,8 @@ def _prefix_pieces(num_prefix: int, block_max: int):
     return pieces
 
 
-def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, out, lse, causal, softmax_scale, softcap,
-         need_dq, need_dkv, need_dprefix):
+def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, out, lse, causal, softmax_scale,
+         softcap, need_dq, need_dkv, need_dprefix):
     prefix_k, prefix_v = bank.prefix_k, bank.prefix_v
     batch, heads_q, len_q, head_dim = lay.batch, lay.heads_q, lay.len_q, lay.head_dim
     heads_kv, len_k = lay.heads_kv, lay.len_k
@@ -322,10 +323,11 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
         def run_dq(cfg: tuning.Blocks):
             _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
                 q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
-                drop.seed, dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides, *lay.s(dq),
-                *lse_strides,
+                drop.seed, dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides,
+                *lay.s(dq), *lse_strides,
                 heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out, *drop.args(),
-                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(), **seq,
+                CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(),
+                **seq,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
 

@@ -94,7 +94,7 @@ def test_varlen_dropout_matches_reference(backend):
     """Outputs and all five gradients against the float64 varlen reference with the same mask (2x / 3x rule)."""
     device = device_of(backend)
     g = torch.Generator().manual_seed(5)
-    lens_q, lens_k, H, P, D = [5, 0, 17, 3], [7, 2, 17, 9], 2, 6, 32
+    H, P, D = 2, 6, 32  # len_q per sequence 5, 0, 17, 3; len_k 7, 2, 17, 9
     cu_q = torch.tensor([0, 5, 5, 22, 25], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 7, 9, 26, 35], dtype=torch.int32, device=device)
     tensors = [torch.randn(*s, generator=g).to(device) for s in ((25, 2 * H, D), (35, H, D), (35, H, D), (H, P, D),

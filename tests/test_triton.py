@@ -8,7 +8,16 @@ import zlib
 
 import pytest
 import torch
-from prefix_grid import BANK_GRID, DROPOUT_GRID, SOFTCAP_GRID, Case, check_case, grid_params, make_inputs, run_with_grads
+from prefix_grid import (
+    BANK_GRID,
+    DROPOUT_GRID,
+    SOFTCAP_GRID,
+    Case,
+    check_case,
+    grid_params,
+    make_inputs,
+    run_with_grads,
+)
 
 import prefix_attn
 from prefix_attn.reference import prefix_attention_reference

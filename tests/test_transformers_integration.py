@@ -297,22 +297,6 @@ def test_refuses_gpt2_prefix_with_other_head_dim():
         prefix_attn.enable(model, prefix)
 
 
-def test_attention_dropout_in_training_is_refused():
-    model = tiny_model("gpt2", **{}).train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.1
-    prefix_attn.enable(model, PrefixTuning(model.config, P))
-    ids, mask, labels = padded_batch()
-    with pytest.raises(NotImplementedError, match="attention dropout"):
-        model(input_ids=ids, attention_mask=mask, labels=labels)
-    model.eval()  # eval mode: no dropout, runs
-    model(input_ids=ids, attention_mask=mask)
-    prefix_attn.enable(model, model._prefix_attn_binding.prefix, ignore_attention_dropout=True)
-    model.train()
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-
-
 def test_sliding_window_shorter_than_prefix_plus_text_is_refused():
     model = tiny_model("mistral", sliding_window=8).eval()
     prefix_attn.enable(model, PrefixTuning(model.config, P))

@@ -368,7 +368,8 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
                  activations' dtype inside attention)
         freeze_model: ``requires_grad=False`` on every model weight (restored by ``disable``), so the prefix is
                  the only trainable part: an optimizer over ``model.parameters()`` trains exactly the prefix
-        ignore_attention_dropout: train without attention dropout instead of refusing (see the error message)
+        ignore_attention_dropout: train without attention dropout (the model's attention dropout probability is
+                                  applied in the kernels otherwise; other dropouts are unaffected)
 
     Calling ``enable`` on an enabled model replaces its prefix.
     """

@@ -138,7 +138,8 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 
 # ---------------------------------------------------------------------------------------------- attention
 # kwargs a model may pass to its attention function. Honoured: softcap (in the kernels), sliding_window (while
-# P + keys fit in it), is_causal=True, dropout (refused in training, see below), scaling. Carried along by the
+# P + keys fit in it), is_causal=True, dropout (in the kernels, unless enable(..., ignore_attention_dropout=True)),
+# scaling. Carried along by the
 # model and meaningless here: the _INERT ones. Anything else with a value other than None / False is refused
 # by name: an op that ignored an attention sink, a bias or packed-sequence boundaries would be silently wrong.
 _NAMED_REFUSALS = {
@@ -177,12 +178,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if binding is None:
         raise RuntimeError(f"{type(module).__name__} runs attn_implementation='{ATTN_IMPLEMENTATION}' but "
                            f"has no prefix; call prefix_attn.enable(model, prefix)")
-    if dropout and dropout > 0 and not binding.ignore_attention_dropout:
-        raise NotImplementedError(
-            f"prefix_attn has no attention dropout, but {type(module).__name__} asks for dropout={dropout} "
-            f"in training mode. Build the model with attention dropout 0 (GPT-2: attn_pdrop=0.0, Llama: "
-            f"attention_dropout=0.0), or pass ignore_attention_dropout=True to prefix_attn.enable to train "
-            f"without it (other dropouts are unaffected); eval mode is never affected.")
+    # the model's own attention dropout (GPT-2 attn_pdrop, Llama-family attention_dropout; 0 in eval mode),
+    # applied in the kernels to the whole row, prefix columns included, as the stock attention does
+    dropout_p = 0.0 if binding.ignore_attention_dropout else float(dropout or 0.0)
     if not getattr(module, "is_causal", True):
         raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
     packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
@@ -199,7 +197,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                                   f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
                                   "window")
     if packed is not None:
-        return _packed_attention(query, key, value, pk, pv, attention_mask, packed, scaling, softcap), None
+        return _packed_attention(query, key, value, pk, pv, attention_mask, packed, scaling, softcap,
+                                 dropout_p), None
     mask = attention_mask
     if mask is not None:
         if mask.dim() == 4:
@@ -210,7 +209,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(torch.bool)
     out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
-                           softcap=float(softcap), **binding.bank_args(query.shape[0], query.device))
+                           softcap=float(softcap), dropout_p=dropout_p,
+                           **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
 
 
@@ -231,7 +231,7 @@ def _flash_packing(kwargs, packed):
     return cu, longest
 
 
-def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap):
+def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap, dropout_p):
     """One row of packed examples -> prefix_attention_varlen; a 4-D mask, if the model built one, must be the
     block-diagonal causal mask of those examples (anything else is refused)."""
     cu, longest = packed
@@ -251,7 +251,7 @@ def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap)
                  "block-diagonal causal mask of its examples")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D] views
     out = prefix_attention_varlen(q, k, v, pk, pv, cu, cu, longest, longest, causal=True, softmax_scale=scaling,
-                                  softcap=float(softcap))
+                                  softcap=float(softcap), dropout_p=dropout_p)
     return out.unsqueeze(0)  # [1, total, Hq, D]
 
 

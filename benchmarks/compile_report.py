@@ -113,13 +113,14 @@ def main(argv=None) -> int:
             pk, pv = torch.empty(Hkv, P, head_dim, dtype=dtype), torch.empty(Hkv, P, head_dim, dtype=dtype)
             mask = torch.ones(B, Tk, dtype=torch.bool)
             bank = dict(prefix_ids=torch.tensor([1, 0]), prefix_lengths=torch.tensor([P, P // 2]))
-            for softcap, extra in ((0.0, {}), (30.0, {}), (0.0, bank)):  # plain, SOFTCAP=True, bank with lengths
-                if softcap:
-                    print(f"  softcap={softcap}")
-                if extra:
-                    print("  bank: prefix_ids, prefix_lengths")
-                bank_k = pk.unsqueeze(0).expand(2, -1, -1, -1) if extra else pk
-                bank_v = pv.unsqueeze(0).expand(2, -1, -1, -1) if extra else pv
+            drop = dict(dropout_p=0.1, dropout_seed=torch.tensor(12345))
+            variants = (("", 0.0, {}), ("softcap=30.0", 30.0, {}), ("bank: prefix_ids, prefix_lengths", 0.0, bank),
+                        ("dropout: dropout_p=0.1", 0.0, drop))
+            for label, softcap, extra in variants:  # plain, SOFTCAP=True, bank with lengths, DROPOUT=True
+                if label:
+                    print(f"  {label}")
+                bank_k = pk.unsqueeze(0).expand(2, -1, -1, -1) if "prefix_ids" in extra else pk
+                bank_v = pv.unsqueeze(0).expand(2, -1, -1, -1) if "prefix_ids" in extra else pv
                 try:
                     out, lse = launch.prefix_attn_fwd(q, k, v, bank_k, bank_v, mask, True, head_dim**-0.5, softcap,
                                                       **extra)

@@ -44,6 +44,7 @@ step timeout 200 python -m pytest -q -m gpu tests/
 step timeout 150 python benchmarks/bench_train_step.py $QUICK --out "$RUN_DIR"
 step timeout 60 bash -c "python benchmarks/bench_bank.py --backend triton --dtype bfloat16 $QUICK > '$RUN_DIR/bench_bank.md'"
 step timeout 60 bash -c "python benchmarks/bench_packed.py --device cuda $QUICK > '$RUN_DIR/bench_packed.md'"
+step timeout 60 bash -c "python benchmarks/bench_dropout.py --backend triton --dtype bfloat16 $QUICK > '$RUN_DIR/bench_dropout.md'"
 
 budget=$(( TOTAL_SECONDS - SECONDS - 60 ))
 [ "$budget" -lt 30 ] && budget=30

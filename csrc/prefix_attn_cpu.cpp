@@ -61,12 +61,12 @@ void fwd_rows(double* S, int64_t rows, int64_t n, double scale, const double* co
   fwd_rows_impl<double>(S, rows, n, scale, col_bias, lim0, m, l, acc, dim);
 }
 PREFIX_ATTN_CLONES void bwd_rows(float* S, float* dP, int64_t rows, int64_t n, float scale, const float* col_bias,
-                                 int64_t lim0, const float* lse, const float* delta) {
-  bwd_rows_impl<float>(S, dP, rows, n, scale, col_bias, lim0, lse, delta);
+                                 int64_t lim0, const float* lse, const float* delta, const float* Z) {
+  bwd_rows_impl<float>(S, dP, rows, n, scale, col_bias, lim0, lse, delta, Z);
 }
 void bwd_rows(double* S, double* dP, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0,
-              const double* lse, const double* delta) {
-  bwd_rows_impl<double>(S, dP, rows, n, scale, col_bias, lim0, lse, delta);
+              const double* lse, const double* delta, const double* Z) {
+  bwd_rows_impl<double>(S, dP, rows, n, scale, col_bias, lim0, lse, delta, Z);
 }
 PREFIX_ATTN_CLONES void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows,
                                  int64_t dim, float* res) {
@@ -77,12 +77,12 @@ void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_
   row_dots_impl<double>(a, lda, b, ldb, rows, dim, res);
 }
 PREFIX_ATTN_CLONES void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h,
-                                     int64_t row0, int64_t col0, uint32_t* rnd) {
-  dropout_tile_impl<float>(z, rows, n, dr, b, h, row0, col0, rnd);
+                                     int64_t row0, int64_t col0, uint32_t* rnd, bool multiply) {
+  dropout_tile_impl<float>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
 }
 void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
-                  int64_t col0, uint32_t* rnd) {
-  dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd);
+                  int64_t col0, uint32_t* rnd, bool multiply) {
+  dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
 }
 
 namespace {
@@ -155,7 +155,7 @@ Dropout make_dropout(double dropout_p, int64_t seed, int64_t batch_offset) {
   dr.on = dropout_p > 0;
   dr.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFu);
   dr.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  dr.threshold31 = static_cast<uint32_t>(dropout_p * 2147483648.0);  // floor(p * 2^31), as dropout.threshold
+  dr.threshold16 = static_cast<uint32_t>(dropout_p * 65536.0);  // floor(p * 2^16), as dropout.threshold
   dr.scale = dr.on ? 1.0 / (1.0 - dropout_p) : 1.0;
   dr.batch_offset = batch_offset;
   return dr;
@@ -374,8 +374,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, d.batch * d.heads_q * nqb, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), acc(block_q * D), m(block_q), l(block_q);
-    std::vector<T> z_buf(drop.on ? block_q * block_k : 0);  // dropout: 0 or 1 / (1 - p) per score
-    std::vector<uint32_t> rnd(drop.on ? block_k + 8 : 0);
+    std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);  // dropout scratch
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb;
       const int64_t hq = (task / nqb) % d.heads_q;
@@ -396,11 +395,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
         if (cap > T(0)) softcap_tile<T>(S, bq * n, sc, cap, nullptr);
         fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
-        if (drop.on) {
-          T* z = z_buf.data();
-          dropout_tile(z, bq, n, drop, b, hq, q0, col0, rnd.data());
-          for (int64_t i = 0; i < bq * n; ++i) S[i] *= z[i];
-        }
+        if (drop.on) dropout_tile(S, bq, n, drop, b, hq, q0, col0, rnd.data(), /*multiply=*/true);
         gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
       };
 
@@ -466,7 +461,7 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
     std::vector<T> s_buf(block_q * block_k), dp_buf(block_q * block_k), delta(d.len_q);
     std::vector<T> cap_grad(cap > T(0) ? block_q * block_k : 0);  // 1 - tanh^2 of the capped scores
     std::vector<T> z_buf(drop.on ? block_q * block_k : 0);         // dropout: 0 or 1 / (1 - p) per score
-    std::vector<uint32_t> rnd(drop.on ? block_k + 8 : 0);
+    std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
@@ -493,15 +488,8 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
           gemm<T>(false, true, m, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
           gemm<T>(false, true, m, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
           if (cap > T(0)) softcap_tile<T>(S, m * n, sc, cap, cap_grad.data());
-          const T* z = z_buf.data();
-          if (drop.on) {
-            dropout_tile(z_buf.data(), m, n, drop, b, hq, r0, col0, rnd.data());
-            for (int64_t i = 0; i < m * n; ++i) dS[i] *= z[i];
-          }
-          bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0);
-          if (drop.on && dv_tile) {
-            for (int64_t i = 0; i < m * n; ++i) S[i] *= z[i];
-          }
+          if (drop.on) dropout_tile(z_buf.data(), m, n, drop, b, hq, r0, col0, rnd.data(), /*multiply=*/false);
+          bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0, drop.on ? z_buf.data() : nullptr);
           if (cap > T(0)) {
             const T* g = cap_grad.data();
             for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];

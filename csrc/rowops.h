@@ -108,30 +108,45 @@ PREFIX_ATTN_INLINE void fwd_rows_impl(T* S, int64_t rows, int64_t n, T scale, co
 
 // Backward, one kv block: S [rows, n] (raw q.k) becomes P = softmax probabilities (exp(s*scale - lse)),
 // dP [rows, n] (dout.v) becomes dS = P * (dP - delta[r]) (the softmax scale is applied by the caller).
+// With a dropout tile Z [rows, n] (0 or 1 / (1 - p)): S becomes P * Z (for dV) and dS = P * (Z * dP - delta[r]).
+template <typename T, bool BIAS, bool DROP>
+PREFIX_ATTN_INLINE void bwd_row(T* s, T* dp, const T* z, int64_t lim, T scale, const T* col_bias, T lr, T dr) {
+#pragma omp simd
+  for (int64_t c = 0; c < lim; ++c) {
+    T x = s[c] * scale - lr;
+    if constexpr (BIAS) x += col_bias[c];
+    const T p = exp_approx(x);
+    if constexpr (DROP) {
+      s[c] = p * z[c];
+      dp[c] = p * (dp[c] * z[c] - dr);
+    } else {
+      s[c] = p;
+      dp[c] = p * (dp[c] - dr);
+    }
+  }
+}
+
 template <typename T>
 PREFIX_ATTN_INLINE void bwd_rows_impl(T* S, T* dP, int64_t rows, int64_t n, T scale, const T* col_bias,
-                                      int64_t lim0, const T* lse, const T* delta) {
+                                      int64_t lim0, const T* lse, const T* delta, const T* Z) {
   for (int64_t r = 0; r < rows; ++r) {
     T* s = S + r * n;
     T* dp = dP + r * n;
+    const T* z = Z != nullptr ? Z + r * n : nullptr;
     int64_t lim = lim0 + r;
     lim = lim < 0 ? 0 : (lim > n ? n : lim);
     const T lr = lse[r];
     const T dr = delta[r];
     if (col_bias != nullptr) {
-#pragma omp simd
-      for (int64_t c = 0; c < lim; ++c) {
-        T p = exp_approx(s[c] * scale + col_bias[c] - lr);
-        s[c] = p;
-        dp[c] = p * (dp[c] - dr);
+      if (z != nullptr) {
+        bwd_row<T, true, true>(s, dp, z, lim, scale, col_bias, lr, dr);
+      } else {
+        bwd_row<T, true, false>(s, dp, z, lim, scale, col_bias, lr, dr);
       }
+    } else if (z != nullptr) {
+      bwd_row<T, false, true>(s, dp, z, lim, scale, col_bias, lr, dr);
     } else {
-#pragma omp simd
-      for (int64_t c = 0; c < lim; ++c) {
-        T p = exp_approx(s[c] * scale - lr);
-        s[c] = p;
-        dp[c] = p * (dp[c] - dr);
-      }
+      bwd_row<T, false, false>(s, dp, z, lim, scale, col_bias, lr, dr);
     }
     for (int64_t c = lim; c < n; ++c) {
       s[c] = T(0);
@@ -170,12 +185,13 @@ PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64
 
 // ---- attention dropout (the mask of prefix_attn/dropout.py) ----
 //
-// keep(b, h, i, c) = (Philox-4x32-10(key = seed, counter = (c / 4, i, h, b))[c % 4] >> 1) >= threshold31, the
-// generator tl.rand uses; kept probabilities are scaled by 1 / (1 - p) (done by the caller through `scale`).
+// keep(b, h, i, c): the 16-bit field i % 8 (word (i % 8) / 2, low half for even i) of
+// Philox-4x32-10(key = seed, counter = (c, i / 8, h, b)) is >= threshold16 = floor(p * 2^16); the generator
+// tl.rand uses. Kept probabilities are scaled by 1 / (1 - p).
 struct Dropout {
   bool on = false;
   uint32_t key0 = 0, key1 = 0;  // the 64-bit seed
-  uint32_t threshold31 = 0;     // floor(p * 2^31)
+  uint32_t threshold16 = 0;     // floor(p * 2^16)
   double scale = 1.0;           // 1 / (1 - p)
   int64_t batch_offset = 0;     // added to b (sequence index of a packed batch run one sequence at a time)
 };
@@ -196,30 +212,40 @@ PREFIX_ATTN_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, 
   }
 }
 
-// z[r * n + c] = keep(b, h, row0 + r, col0 + c) ? scale : 0 for a [rows, n] tile. One Philox call gives the four
-// columns of a group; `rnd` is scratch of at least 4 * (n / 4 + 2) words.
+// For a [rows, n] tile at queries row0.., columns col0..: z[r * n + c] = keep ? scale : 0, or, with `multiply`,
+// z[r * n + c] *= (keep ? scale : 0). One Philox call decides eight queries of a column; `rnd` is scratch of at
+// least 4 * n words.
 template <typename T>
 PREFIX_ATTN_INLINE void dropout_tile_impl(T* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h,
-                                          int64_t row0, int64_t col0, uint32_t* rnd) {
-  const int64_t g0 = col0 / 4, groups = (col0 + n + 3) / 4 - g0, skip = col0 - 4 * g0;
+                                          int64_t row0, int64_t col0, uint32_t* rnd, bool multiply) {
   const uint32_t cb = static_cast<uint32_t>(b + dr.batch_offset), ch = static_cast<uint32_t>(h);
-  const uint32_t thr = dr.threshold31;
+  const uint32_t thr = dr.threshold16;
   const T sc = static_cast<T>(dr.scale);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint32_t ci = static_cast<uint32_t>(row0 + r);
+  for (int64_t g = row0 / 8; 8 * g < row0 + rows; ++g) {
+    const uint32_t cg = static_cast<uint32_t>(g);
 #pragma omp simd
-    for (int64_t g = 0; g < groups; ++g) {
-      uint32_t c0 = static_cast<uint32_t>(g0 + g), c1 = ci, c2 = ch, c3 = cb;
+    for (int64_t c = 0; c < n; ++c) {
+      uint32_t c0 = static_cast<uint32_t>(col0 + c), c1 = cg, c2 = ch, c3 = cb;
       philox4x32_10(c0, c1, c2, c3, dr.key0, dr.key1);
-      rnd[4 * g] = c0;
-      rnd[4 * g + 1] = c1;
-      rnd[4 * g + 2] = c2;
-      rnd[4 * g + 3] = c3;
+      rnd[c] = c0;
+      rnd[n + c] = c1;
+      rnd[2 * n + c] = c2;
+      rnd[3 * n + c] = c3;
     }
-    T* zr = z + r * n;
-    const uint32_t* rr = rnd + skip;
+    for (int64_t k = 0; k < 8; ++k) {
+      const int64_t r = 8 * g + k - row0;
+      if (r < 0 || r >= rows) continue;
+      T* zr = z + r * n;
+      const uint32_t* word = rnd + (k / 2) * n;
+      const int shift = (k % 2) * 16;
+      if (multiply) {
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) zr[c] = (rr[c] >> 1) >= thr ? sc : T(0);
+        for (int64_t c = 0; c < n; ++c) zr[c] *= ((word[c] >> shift) & 0xFFFFu) >= thr ? sc : T(0);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) zr[c] = ((word[c] >> shift) & 0xFFFFu) >= thr ? sc : T(0);
+      }
+    }
   }
 }
 
@@ -229,14 +255,14 @@ void fwd_rows(float* S, int64_t rows, int64_t n, float scale, const float* col_b
 void fwd_rows(double* S, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0, double* m,
               double* l, double* acc, int64_t dim);
 void bwd_rows(float* S, float* dP, int64_t rows, int64_t n, float scale, const float* col_bias, int64_t lim0,
-              const float* lse, const float* delta);
+              const float* lse, const float* delta, const float* Z);
 void bwd_rows(double* S, double* dP, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0,
-              const double* lse, const double* delta);
+              const double* lse, const double* delta, const double* Z);
 void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t dim, float* res);
 void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
-                  int64_t col0, uint32_t* rnd);
+                  int64_t col0, uint32_t* rnd, bool multiply);
 void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
-                  int64_t col0, uint32_t* rnd);
+                  int64_t col0, uint32_t* rnd, bool multiply);
 void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim, double* res);
 
 }  // namespace prefix_attn

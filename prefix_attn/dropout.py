@@ -5,8 +5,12 @@ For batch row (or packed sequence) ``b``, query head ``h``, query ``i`` (row of 
 column ``c`` (prefix slots first, ``0 .. P-1``, then text keys ``P .. P+len_k-1``; ``P`` is the prefix tensor's
 ``num_prefix``, also with a bank whose entries are shorter)::
 
-    r0, r1, r2, r3 = Philox-4x32-10(key = (seed mod 2**32, seed // 2**32), counter = (c // 4, i, h, b))
-    keep = (r[c % 4] >> 1) >= floor(dropout_p * 2**31)
+    r0, r1, r2, r3 = Philox-4x32-10(key = (seed mod 2**32, seed // 2**32), counter = (c, i // 8, h, b))
+    field = (r[(i % 8) // 2] >> (16 * (i % 2))) & 0xFFFF          # 16 random bits per decision
+    keep = field >= floor(dropout_p * 2**16)
+
+One Philox call decides eight consecutive queries of a column (query blocks start at multiples of 8 in every
+kernel, whatever P is). The kept fraction is ``1 - floor(p * 2**16) / 2**16``, within ``2**-16`` of ``1 - p``.
 
 A kept probability is scaled by ``1 / (1 - dropout_p)``, a dropped one is zero: ``F.dropout(softmax(s)) @ V``
 with this mask. Philox-4x32-10 is the generator ``tl.rand`` uses (``tl.philox`` in the Triton kernels); the C++
@@ -53,8 +57,8 @@ def philox4x32(seed: int, c0: torch.Tensor, c1, c2, c3, rounds: int = 10):
 
 
 def threshold(dropout_p: float) -> int:
-    """The 31-bit integer threshold of the keep test: floor(dropout_p * 2**31)."""
-    return int(dropout_p * 2**31)
+    """The 16-bit integer threshold of the keep test: floor(dropout_p * 2**16)."""
+    return int(dropout_p * 2**16)
 
 
 def check_dropout(dropout_p, dropout_seed) -> None:
@@ -80,10 +84,10 @@ def seed_tensor(dropout_seed: Optional[int], device: torch.device) -> torch.Tens
 
 def keep_columns(seed: int, dropout_p: float, b, h, i, c) -> torch.Tensor:
     """The keep decision for broadcastable int64 index tensors b, h, i, c (see the module docstring)."""
-    r = philox4x32(seed, c // 4, i, h, b)
-    sel = c % 4
-    out = torch.where(sel == 0, r[0], torch.where(sel == 1, r[1], torch.where(sel == 2, r[2], r[3])))
-    return (out >> 1) >= threshold(dropout_p)
+    r = philox4x32(seed, c, i // 8, h, b)
+    word = (i % 8) // 2
+    out = torch.where(word == 0, r[0], torch.where(word == 1, r[1], torch.where(word == 2, r[2], r[3])))
+    return ((out >> (16 * (i % 2))) & 0xFFFF) >= threshold(dropout_p)
 
 
 def dropout_mask(batch: int, heads_q: int, len_q: int, num_prefix: int, len_k: int, dropout_p: float, seed: int, *,

@@ -226,5 +226,22 @@ def test_packed_benchmark_quick_run(capsys):
     assert "| padded |" in out and "| packed |" in out and "padding fraction" in out
 
 
+def test_dropout_benchmark_quick_run(capsys):
+    """The benchmark's SDPA context row computes dropout-free attention at p = 0 like the op, and the quick run
+    (correctness against float64 with the same mask first) prints its table."""
+    bench = _load("bench_dropout")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(2, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(bench.sdpa_dropout(q, k, v, pk, pv, 0.0), prefix_attention_reference(q, k, v, pk, pv))
+    from prefix_attn.ops import _cpu_status
+
+    if _cpu_status()[0] is None:
+        pytest.skip("the native CPU kernel is not built")
+    bench.main(["--quick", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "p=0.1 / p=0" in out and out.strip().splitlines()[-1].startswith("| 2 | 4 | 128 | 64 | 16 |")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

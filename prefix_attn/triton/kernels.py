@@ -36,7 +36,7 @@ the softmax (prefix and text columns alike); the kernels get ``cap_in = softmax_
 
 Attention dropout (``DROPOUT``, compile-time): every kernel regenerates the keep mask of a score tile from
 (seed, b, h, query, column) with Philox (``_dropout_keep``, the mask of ``prefix_attn/dropout.py``); SEED is an
-int64 0-d tensor, ``drop_thr = floor(p * 2**31)`` and ``drop_scale = 1 / (1 - p)``. The forward sums the
+int64 0-d tensor, ``drop_thr = floor(p * 2**16)`` and ``drop_scale = 1 / (1 - p)``. The forward sums the
 probabilities before dropout into l and the dropped ones into the output; the backward uses
 dV = (P * Z)^T dO and dS = P * (Z * dP - delta) with Z = keep * drop_scale.
 """
@@ -67,17 +67,18 @@ def _tanh(x):
 @triton.jit
 def _dropout_keep(seed, b, h, q_idx, cols, drop_thr):
     """Keep mask (bool, the broadcast shape of q_idx and cols: int32 query rows and columns, prefix slots first) of
-    batch row b, query head h: Philox-4x32-10 keyed by the int64 seed on the counter (col // 4, query, h, b), output
-    col % 4, kept when its top 31 bits are >= drop_thr."""
+    batch row b, query head h: Philox-4x32-10 keyed by the int64 seed on the counter (col, query // 8, h, b); the
+    decision is 16-bit field query % 8 (word (query % 8) // 2, low half for even queries) >= drop_thr."""
     zero = (q_idx + cols) * 0
-    c0 = (cols // 4 + zero).to(tl.uint32)
-    c1 = (q_idx + zero).to(tl.uint32)
+    c0 = (cols + zero).to(tl.uint32)
+    c1 = (q_idx // 8 + zero).to(tl.uint32)
     c2 = (zero + h).to(tl.uint32)
     c3 = (zero + b).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    sel = (cols + zero) % 4
-    r = tl.where(sel == 0, r0, tl.where(sel == 1, r1, tl.where(sel == 2, r2, r3)))
-    return (r >> 1).to(tl.int32) >= drop_thr
+    word = (q_idx + zero) % 8 // 2
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    shift = ((q_idx + zero) % 2 * 16).to(tl.uint32)
+    return ((r >> shift) & 0xFFFF).to(tl.int32) >= drop_thr
 
 
 @triton.jit

@@ -159,13 +159,13 @@ class _Bank:
 
 
 class _Dropout:
-    """Dropout as the kernels see it: the seed tensor (a dummy when off), the 31-bit keep threshold, the scale of
+    """Dropout as the kernels see it: the seed tensor (a dummy when off), the 16-bit keep threshold, the scale of
     kept probabilities and the DROPOUT switch (off for p = 0: the plain kernels)."""
 
     def __init__(self, dropout_p: float, dropout_seed, q):
         self.on = dropout_p > 0
         self.seed = dropout_seed if self.on else q
-        self.threshold = int(dropout_p * 2**31) if self.on else 0  # prefix_attn.dropout.threshold
+        self.threshold = int(dropout_p * 2**16) if self.on else 0  # prefix_attn.dropout.threshold
         self.scale = 1.0 / (1.0 - dropout_p) if self.on else 1.0
 
     def args(self):

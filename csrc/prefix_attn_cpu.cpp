@@ -654,6 +654,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         b.use = name == "blas";
       },
       "choose 'blas' or 'aten' for the tile products (for tests; not thread-safe against running kernels)");
+  m.def(
+      "philox_isa", []() { return prefix_attn::philox_isa(); },
+      "which Philox implementation the dropout mask uses: 'avx512', 'avx2' or 'scalar'");
+  m.def(
+      "set_philox_isa",
+      [](const std::string& name) {
+        TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar",
+                    "philox isa must be 'avx512', 'avx2' or 'scalar', got '", name, "'");
+#ifdef PREFIX_ATTN_X86_SIMD
+        const bool has = name == "scalar" || (name == "avx512" ? __builtin_cpu_supports("avx512f")
+                                                                : __builtin_cpu_supports("avx2"));
+        TORCH_CHECK(has, "this CPU has no ", name);
+#else
+        TORCH_CHECK(name == "scalar", "no SIMD Philox on this platform");
+#endif
+        prefix_attn::philox_isa() = name;
+      },
+      "choose the Philox implementation (for tests; not thread-safe against running kernels)");
   m.doc() = "prefix_attn native CPU kernels: fused prefix attention forward and backward";
   m.def("fwd", &prefix_attn::fwd,
         "prefix attention forward -> [out, lse]; lse float32 (float64 for float64 inputs), +inf where a query "

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <limits>
 
+#include "philox.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
 #define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
@@ -183,34 +185,7 @@ PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64
   }
 }
 
-// ---- attention dropout (the mask of prefix_attn/dropout.py) ----
-//
-// keep(b, h, i, c): the 16-bit field i % 8 (word (i % 8) / 2, low half for even i) of
-// Philox-4x32-10(key = seed, counter = (c, i / 8, h, b)) is >= threshold16 = floor(p * 2^16); the generator
-// tl.rand uses. Kept probabilities are scaled by 1 / (1 - p).
-struct Dropout {
-  bool on = false;
-  uint32_t key0 = 0, key1 = 0;  // the 64-bit seed
-  uint32_t threshold16 = 0;     // floor(p * 2^16)
-  double scale = 1.0;           // 1 / (1 - p)
-  int64_t batch_offset = 0;     // added to b (sequence index of a packed batch run one sequence at a time)
-};
-
-PREFIX_ATTN_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
-                                      uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(pb);
-    c3 = static_cast<uint32_t>(pa);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-}
+// ---- attention dropout (the mask of prefix_attn/dropout.py, Philox in philox.h) ----
 
 // For a [rows, n] tile at queries row0.., columns col0..: z[r * n + c] = keep ? scale : 0, or, with `multiply`,
 // z[r * n + c] *= (keep ? scale : 0). One Philox call decides eight queries of a column; `rnd` is scratch of at
@@ -222,16 +197,7 @@ PREFIX_ATTN_INLINE void dropout_tile_impl(T* z, int64_t rows, int64_t n, const D
   const uint32_t thr = dr.threshold16;
   const T sc = static_cast<T>(dr.scale);
   for (int64_t g = row0 / 8; 8 * g < row0 + rows; ++g) {
-    const uint32_t cg = static_cast<uint32_t>(g);
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) {
-      uint32_t c0 = static_cast<uint32_t>(col0 + c), c1 = cg, c2 = ch, c3 = cb;
-      philox4x32_10(c0, c1, c2, c3, dr.key0, dr.key1);
-      rnd[c] = c0;
-      rnd[n + c] = c1;
-      rnd[2 * n + c] = c2;
-      rnd[3 * n + c] = c3;
-    }
+    philox_columns(rnd, n, static_cast<uint32_t>(col0), static_cast<uint32_t>(g), ch, cb, dr.key0, dr.key1);
     for (int64_t k = 0; k < 8; ++k) {
       const int64_t r = 8 * g + k - row0;
       if (r < 0 || r >= rows) continue;

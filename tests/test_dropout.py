@@ -231,3 +231,33 @@ def test_errors():
             prefix_attn.prefix_attention(*t, dropout_p=0.1, dropout_seed=seed)
     with pytest.raises(ValueError, match="len_q"):
         prefix_attn.dropout_mask(1, 1, -1, 0, 1, 0.1, 0)
+
+
+@pytest.mark.skipif("cpu" not in KERNELS, reason="the native CPU kernel is not built")
+def test_cpu_philox_implementations_agree():
+    """The AVX-512, AVX2 and scalar Philox of the C++ kernel (whichever this CPU has) give the same mask, through
+    the forward (read out) and the backward (gradients bitwise equal)."""
+    from prefix_attn import cpu
+
+    mod = cpu._load()[0]
+    default = mod.philox_isa()
+    isas = ["scalar"]
+    for isa in ("avx2", "avx512"):
+        try:
+            mod.set_philox_isa(isa)
+            isas.append(isa)
+        except RuntimeError:
+            pass
+    want = prefix_attn.dropout_mask(2, 4, 9, 5, 27, 0.3, SEED)
+    t = inputs("cpu", T=37)
+    results = []
+    try:
+        for isa in isas:
+            mod.set_philox_isa(isa)
+            assert torch.equal(readout("cpu"), want), isa
+            results.append(grads("cpu", t, dropout_p=0.3, dropout_seed=SEED))
+    finally:
+        mod.set_philox_isa(default)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)

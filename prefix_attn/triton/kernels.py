@@ -65,20 +65,35 @@ def _tanh(x):
 
 
 @triton.jit
-def _dropout_keep(seed, b, h, q_idx, cols, drop_thr):
-    """Keep mask (bool, the broadcast shape of q_idx and cols: int32 query rows and columns, prefix slots first) of
-    batch row b, query head h: Philox-4x32-10 keyed by the int64 seed on the counter (col, query // 8, h, b); the
-    decision is 16-bit field query % 8 (word (query % 8) // 2, low half for even queries) >= drop_thr."""
-    zero = (q_idx + cols) * 0
-    c0 = (cols + zero).to(tl.uint32)
-    c1 = (q_idx // 8 + zero).to(tl.uint32)
-    c2 = (zero + h).to(tl.uint32)
-    c3 = (zero + b).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    word = (q_idx + zero) % 8 // 2
-    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
-    shift = ((q_idx + zero) % 2 * 16).to(tl.uint32)
-    return ((r >> shift) & 0xFFFF).to(tl.int32) >= drop_thr
+def _dropout_keep(seed, b, h, q0, cols, drop_thr, BLOCK_Q: tl.constexpr, TRANS: tl.constexpr):
+    """Keep mask of queries q0 .. q0 + BLOCK_Q - 1 (q0 a multiple of 8) and columns cols [N] (prefix slots first) of
+    batch row b, query head h: [BLOCK_Q, N] bool, or [N, BLOCK_Q] with TRANS.
+
+    One Philox-4x32-10 call (keyed by the int64 seed, counter (col, query // 8, h, b)) decides eight queries of a
+    column: query q0 + 8 g + k takes 16-bit field k (word k // 2, low half for even k), kept when >= drop_thr. The
+    [BLOCK_Q / 8, N] calls' eight fields are joined on new trailing axes and reshaped into the tile."""
+    g = q0 // 8 + tl.arange(0, BLOCK_Q // 8)
+    if TRANS:
+        zero = cols[:, None] * 0 + g[None, :] * 0  # [N, BLOCK_Q // 8]
+        c0 = (cols[:, None] + zero).to(tl.uint32)
+        c1 = (g[None, :] + zero).to(tl.uint32)
+    else:
+        zero = g[:, None] * 0 + cols[None, :] * 0  # [BLOCK_Q // 8, N]
+        c0 = (cols[None, :] + zero).to(tl.uint32)
+        c1 = (g[:, None] + zero).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, (zero + h).to(tl.uint32), (zero + b).to(tl.uint32))
+    # tl.join appends an axis: innermost joins pick i, then j, then l, giving [..., i, j, l] = field 4 i + 2 j + l
+    # (word 2 i + j, half l) in row-major order
+    lo = tl.join(tl.join((r0 & 0xFFFF) >= drop_thr, (r2 & 0xFFFF) >= drop_thr),
+                 tl.join((r1 & 0xFFFF) >= drop_thr, (r3 & 0xFFFF) >= drop_thr))
+    hi = tl.join(tl.join((r0 >> 16) >= drop_thr, (r2 >> 16) >= drop_thr),
+                 tl.join((r1 >> 16) >= drop_thr, (r3 >> 16) >= drop_thr))
+    keep = tl.join(lo, hi).to(tl.int8)
+    if TRANS:
+        keep = tl.reshape(keep, [cols.shape[0], BLOCK_Q])
+    else:
+        keep = tl.reshape(tl.permute(keep, (0, 2, 3, 4, 1)), [BLOCK_Q, cols.shape[0]])
+    return keep != 0
 
 
 @triton.jit
@@ -190,10 +205,10 @@ def _causal_bounds(start_m, Tk, DIAG, CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed, b, h, q_idx, cols, drop_thr,
+def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed, b, h, q0, cols, drop_thr,
               MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """One online-softmax step over a key block. k_t: [D, N], v: [N, D]; visible: [M, N] bool when MASKED;
-    q_idx [M] / cols [N]: query rows and dropout columns (DROPOUT).
+    q0 (first query) and cols [N] (dropout columns) name the tile for DROPOUT.
 
     m_i is the running max of the base-2 scores; with MASKED a row may still have seen nothing (m_i = -inf)."""
     qk = _dot(q, k_t, PRECISION)
@@ -214,7 +229,7 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_dropout_keep(seed, b, h, q_idx[:, None], cols[None, :], drop_thr), p, 0.0)
+        p = tl.where(_dropout_keep(seed, b, h, q0, cols, drop_thr, q.shape[0], False), p, 0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
@@ -261,7 +276,7 @@ def _prefix_attn_fwd_kernel(
                   HEAD_DIM, BLOCK_D, False)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, rows_n,
                   HEAD_DIM, BLOCK_D, False)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                                   start_n + rows_n, drop_thr, False, PRECISION, SOFTCAP, DROPOUT)
     for start_n in range(p_full, n_slots, BLOCK_N):  # the ragged end: at most one block (a loop keeps it compact)
         in_range = start_n + rows_n < n_slots
@@ -270,7 +285,7 @@ def _prefix_attn_fwd_kernel(
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, in_range,
                   HEAD_DIM, BLOCK_D, True)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, in_range[None, :], qk_scale, cap_in, cap_out, seed, b, h,
-                                  offs_m, start_n + rows_n, drop_thr, True, PRECISION, SOFTCAP, DROPOUT)
+                                  start_m, start_n + rows_n, drop_thr, True, PRECISION, SOFTCAP, DROPOUT)
 
     # text: whole blocks below the diagonal (masked only by padding), then the diagonal blocks and the tail
     k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
@@ -283,7 +298,7 @@ def _prefix_attn_fwd_kernel(
         visible = 0
         if HAS_MASK:
             visible = (tl.load(mask_base + rows_n * stride_mn) != 0)[None, :]
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                                   P + start_n + rows_n, drop_thr, HAS_MASK, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
@@ -298,7 +313,7 @@ def _prefix_attn_fwd_kernel(
             visible = visible & (cols[None, :] <= offs_m[:, None] + DIAG)
         if HAS_MASK:
             visible = visible & (tl.load(mask_base + rows_n * stride_mn, mask=in_range, other=0) != 0)[None, :]
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                                   P + cols, drop_thr, True, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn

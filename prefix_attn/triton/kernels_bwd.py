@@ -44,12 +44,12 @@ def _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
 
 @triton.jit
 def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
-                 seed, b, h, q_idx, cols, drop_thr, drop_scale,
+                 seed, b, h, q0, cols, drop_thr, drop_scale,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """One query block's contribution to dK/dV of a key block, in transposed form.
 
-    k, v, dk, dv: [N, D] (dk, dv float32); q, do: [M, D]; visible_t: [N, M] bool when MASKED; q_idx [M] and
-    cols [N] (dropout columns) name the tile for DROPOUT."""
+    k, v, dk, dv: [N, D] (dk, dv float32); q, do: [M, D]; visible_t: [N, M] bool when MASKED; q0 (first
+    query) and cols [N] (dropout columns) name the tile for DROPOUT."""
     qk_t = _dot(k, tl.trans(q), PRECISION)  # [N, M]
     if SOFTCAP:
         t_t = _tanh(qk_t * cap_in)
@@ -60,7 +60,7 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
         p_t = tl.where(visible_t, p_t, 0.0)
     dp_t = _dot(v, tl.trans(do), PRECISION)  # [N, M]
     if DROPOUT:
-        keep_t = _dropout_keep(seed, b, h, q_idx[None, :], cols[:, None], drop_thr)
+        keep_t = _dropout_keep(seed, b, h, q0, cols, drop_thr, q.shape[0], True)
         dv += _dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, PRECISION)
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -127,7 +127,7 @@ def _prefix_attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         visible_t = offs_n[:, None] <= offs_m[None, :] + DIAG
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
-                              seed, b, h, offs_m, P + offs_n, drop_thr, drop_scale, True, PRECISION, SOFTCAP, DROPOUT)
+                              seed, b, h, start_m, P + offs_n, drop_thr, drop_scale, True, PRECISION, SOFTCAP, DROPOUT)
     for u in range(0, GROUP * n_full):
         h = hk * GROUP + u // n_full
         start_m = full_lo + (u % n_full) * BLOCK_M
@@ -136,7 +136,7 @@ def _prefix_attn_bwd_dkdv_kernel(
                                               stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
-                              seed, b, h, start_m + tl.arange(0, BLOCK_M), P + offs_n, drop_thr, drop_scale,
+                              seed, b, h, start_m, P + offs_n, drop_thr, drop_scale,
                               False, PRECISION, SOFTCAP, DROPOUT)
     if HAS_MASK:  # a padded key has p = 0 for every query: its rows of dK and dV are exactly zero
         keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_valid, other=0) != 0
@@ -213,7 +213,7 @@ def _prefix_attn_bwd_dprefix_kernel(
                                               stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
-                              seed, b, h, start_m + tl.arange(0, BLOCK_M), offs_n, drop_thr, drop_scale,
+                              seed, b, h, start_m, offs_n, drop_thr, drop_scale,
                               False, PRECISION, SOFTCAP, DROPOUT)
     if HAS_LENS:  # invisible slots: exactly zero
         visible = (offs_n < tl.load(LENS + e))[:, None]
@@ -247,7 +247,7 @@ def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, P
 
 @triton.jit
 def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out,
-                seed, b, h, q_idx, cols, drop_thr, drop_scale,
+                seed, b, h, q0, cols, drop_thr, drop_scale,
                 MASKED: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ contribution of one key block. k, v: [N, D]; a zero row of k contributes nothing."""
     qk = _dot(q, tl.trans(k), PRECISION)
@@ -260,7 +260,7 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
         p = tl.where(visible, p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION)
     if DROPOUT:
-        dp = tl.where(_dropout_keep(seed, b, h, q_idx[:, None], cols[None, :], drop_thr), dp * drop_scale, 0.0)
+        dp = tl.where(_dropout_keep(seed, b, h, q0, cols, drop_thr, q.shape[0], False), dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -310,7 +310,7 @@ def _prefix_attn_bwd_dq_kernel(
                   HEAD_DIM, BLOCK_D, True)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, in_range,
                   HEAD_DIM, BLOCK_D, True)
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                          start_n + rows_n, drop_thr, drop_scale, False, PRECISION, SOFTCAP, DROPOUT)
 
     k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
@@ -323,7 +323,7 @@ def _prefix_attn_bwd_dq_kernel(
             keep = tl.load(mask_base + rows_n * stride_mn) != 0
         k = _load(k_base, rows_n, offs_d, stride_kn, stride_kd, keep, HEAD_DIM, BLOCK_D, HAS_MASK)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, rows_n, HEAD_DIM, BLOCK_D, False)
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                          P + start_n + rows_n, drop_thr, drop_scale, False, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
@@ -337,7 +337,7 @@ def _prefix_attn_bwd_dq_kernel(
         k = _load(k_base, rows_n, offs_d, stride_kn, stride_kd, keep, HEAD_DIM, BLOCK_D, True)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, in_range, HEAD_DIM, BLOCK_D, True)
         visible = cols[None, :] <= offs_m[:, None] + DIAG
-        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, offs_m,
+        dq = _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                          P + cols, drop_thr, drop_scale, CAUSAL, PRECISION, SOFTCAP, DROPOUT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn

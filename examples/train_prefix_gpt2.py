@@ -93,10 +93,11 @@ def train(model, params, batches, steps: int, lr: float, desc: str):
     return losses
 
 
-def pretrained_base(steps: int, gen):
-    """(model, losses): a tiny GPT-2 from a config, trained on the four-rule language; attention dropout 0."""
+def pretrained_base(steps: int, gen, attn_pdrop: float = 0.0):
+    """(model, losses): a tiny GPT-2 from a config, trained on the four-rule language; its attention dropout
+    (also applied, inside the fused kernels, while the prefix trains) is ``attn_pdrop``, other dropouts 0."""
     config = GPT2Config(vocab_size=NUMBERS + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
+                        attn_pdrop=attn_pdrop, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=BOS, eos_token_id=BOS,
                         pad_token_id=PAD)
     model = GPT2LMHeadModel(config)
     model.train()
@@ -116,6 +117,8 @@ def main():
     ap.add_argument("--lr", type=float, default=None, help="prefix learning rate (3e-2; 1e-3 with MLP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attn-pdrop", type=float, default=0.0,
+                    help="GPT-2's attention dropout (stock configs use 0.1), applied in the kernels in training")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +127,7 @@ def main():
     t0 = time.time()
 
     # 1. a tiny GPT-2 trained on the four-rule language
-    model, pre = pretrained_base(args.pretrain_steps, gen)
+    model, pre = pretrained_base(args.pretrain_steps, gen, args.attn_pdrop)
     print(f"base model loss {pre[0]:.3f} -> {pre[-1]:.3f} (the rule stays ambiguous until the second number: "
           f"ln(4)/10 = {torch.log(torch.tensor(4.0)).item() / 10:.3f} at best)")
     os.makedirs(args.out, exist_ok=True)

@@ -4,7 +4,7 @@ Name chain::
 
     _prefix_attn_fwd_kernel / _bwd_*        prefix_attn/triton/kernels.py + kernels_bwd.py, csrc/prefix_attn_cpu.cpp
     prefix_attn_fwd / prefix_attn_bwd       launchers, one pair per backend module
-    PrefixAttentionFunction                 autograd, saves (q, k, v, prefix, out, lse, mask)
+    PrefixAttentionFunction                 autograd, saves (q, k, v, prefix, out, lse, mask, bank, dropout seed)
     prefix_attention                        this module: checks inputs, picks a backend
 
 Every backend module exposes the same two launchers::

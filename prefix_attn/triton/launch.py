@@ -1,8 +1,12 @@
 """Launchers for the Triton prefix-attention kernels: allocate outputs, pick block sizes and grids.
 
-    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap) -> (out, lse)
+    prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, **extras)
+        -> (out, lse)
     prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
-                    need_dq, need_dkv, need_dprefix) -> (dq, dk, dv, dprefix_k, dprefix_v)
+                    need_dq, need_dkv, need_dprefix, **extras) -> (dq, dk, dv, dprefix_k, dprefix_v)
+
+extras: prefix_ids / prefix_lengths (a bank), cu_seqlens_q / cu_seqlens_k / max_seqlen_q / max_seqlen_k (packed
+sequences), dropout_p / dropout_seed (attention dropout, seed an int64 0-d tensor on q's device).
 
 Shapes as in ``prefix_attn.reference``. Inputs are read through their strides (no copies); outputs are
 allocated contiguous. ``lse`` is float32 [B, Hq, Tq], natural log, +inf for a query that sees no key.

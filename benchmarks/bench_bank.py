@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cpu_model, device_name, round_ratios, side_by_side, sync  # noqa: E402
+from common import cpu_model, device_name, fwd_bwd_side_by_side, round_ratios  # noqa: E402
 
 from prefix_attn import prefix_attention, prefix_attention_reference  # noqa: E402
 
@@ -70,15 +70,7 @@ def bench_shape(B, H, T, D, P, device, dtype, be, rounds) -> str:
         err = (got.double() - want).abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 5e-2), f"{name}: error {err} against float64"
 
-    def prepare(name):  # fresh leaves for each call, made outside the timing
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, bank_k, bank_v)]
-
-        def call():
-            variants[name](*leaves).backward(dout)
-            sync(device)
-        return call
-
-    times = side_by_side(prepare, variants, rounds, warmup=1)
+    times = fwd_bwd_side_by_side(variants, (q, k, v, bank_k, bank_v), dout, device, rounds)
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     overhead = statistics.median(round_ratios(times, "bank-1", "shared"))
     speedup = statistics.median(round_ratios(times, "gather-sdpa", "bank-B"))

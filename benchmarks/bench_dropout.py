@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cpu_model, device_name, round_ratios, side_by_side, sync  # noqa: E402
+from common import cpu_model, device_name, fwd_bwd_side_by_side, round_ratios  # noqa: E402
 
 from prefix_attn import prefix_attention, prefix_attention_reference  # noqa: E402
 
@@ -81,15 +81,7 @@ def bench_shape(B, H, T, D, P, device, dtype, be, rounds) -> str:
         "sdpa p=0.1": lambda *t: sdpa_dropout(*t, P_DROP),
     }
 
-    def prepare(name):  # fresh leaves for each call, made outside the timing
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
-
-        def call():
-            variants[name](*leaves).backward(dout)
-            sync(device)
-        return call
-
-    times = side_by_side(prepare, variants, rounds, warmup=1)
+    times = fwd_bwd_side_by_side(variants, (q, k, v, pk, pv), dout, device, rounds)
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     overhead = statistics.median(round_ratios(times, "p=0.1", "p=0"))
     vs_sdpa = statistics.median(round_ratios(times, "sdpa p=0.1", "p=0.1"))

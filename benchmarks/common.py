@@ -219,6 +219,21 @@ def side_by_side(
     return times
 
 
+def fwd_bwd_side_by_side(variants: Dict[str, Callable], tensors, dout, device, rounds: int,
+                         warmup: int = 1) -> Dict[str, List[float]]:
+    """``side_by_side`` of forward + backward: each call gets fresh leaves (copies of ``tensors`` requiring grad,
+    made outside the timing), ``variants[name](*leaves).backward(dout)`` and a device sync."""
+    def prepare(name):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+
+        def call():
+            variants[name](*leaves).backward(dout)
+            sync(device)
+        return call
+
+    return side_by_side(prepare, variants, rounds, warmup)
+
+
 def round_ratios(times: Dict[str, List[float]], num: str, den: str) -> List[float]:
     """Per-round time ratios num / den from ``side_by_side``'s result."""
     return [a / b for a, b in zip(times[num], times[den])]

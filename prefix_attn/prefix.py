@@ -8,10 +8,15 @@ Layout, one tensor for the whole model::
 Parameterisations:
 
 * direct (default): ``prefix_kv`` is the trainable parameter itself.
-* ``projection=True``: Li & Liang's reparameterisation, a ``[P, projection_dim]`` embedding through a
-  two-layer tanh MLP to ``[P, num_layers * 2 * heads_kv * head_dim]``. Module and parameter names
-  (``embedding``, ``transform.0``, ``transform.2``) and the output layout are PEFT's ``PrefixEncoder``, so
+* ``projection=True`` (``parameterization="mlp"``): Li & Liang's reparameterisation, a ``[P, projection_dim]``
+  embedding through a two-layer tanh MLP to ``[P, num_layers * 2 * heads_kv * head_dim]``. Module and parameter
+  names (``embedding``, ``transform.0``, ``transform.2``) and the output layout are PEFT's ``PrefixEncoder``, so
   weights move both ways unchanged. After training, ``materialize()`` evaluates the MLP once and drops it.
+* ``parameterization="hidden"``: ``prefix_hidden [num_layers, P, hidden_size]``, one row of hidden states per slot
+  and layer, projected by that layer's own frozen key/value projections (``prefix_attn/hidden.py``):
+  ``P * hidden_size`` parameters per layer instead of ``2 * P * heads_kv * head_dim``. It needs the model's
+  weights: ``enable`` binds it (or ``bind(model)``, or ``from_text(model, ...)``); ``key_value()`` unbound raises.
+  ``materialize()`` turns it into a direct prefix with identical outputs.
 
 Initialisation: ``init="normal"`` (small random, ``init_std``), ``"zeros"``, or :meth:`PrefixTuning.from_text`
 (the K/V activations of real words, Li & Liang's "initialise with real words" trick).
@@ -29,59 +34,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from . import peft_format
+from .prefix_shape import PrefixShape, hidden_size_from_config, prefix_shape_from_config
+
 __all__ = ["PrefixTuning", "PrefixShape", "prefix_shape_from_config"]
 
 _FORMAT = "prefix_attn.PrefixTuning/1"
 _DEFAULT_FILENAME = "prefix.safetensors"
-
-
-@dataclass(frozen=True)
-class PrefixShape:
-    """What a prefix must match in the model: layers, key/value heads and head size."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def describe(self) -> str:
-        return f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
-
-
-def _get(config, *names, default=None):
-    for name in names:
-        try:
-            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        except Exception as exc:  # e.g. transformers' AmbiguousGlobalPerLayerAttributeError (Gemma 4)
-            raise ValueError(f"{type(config).__name__}.{name} differs per layer ({type(exc).__name__}); prefix_attn "
-                             f"needs one key/value shape for every layer") from exc
-        if value is not None:
-            return value
-    return default
-
-
-def prefix_shape_from_config(config) -> PrefixShape:
-    """Layers, kv heads and head dim of a decoder from its Hugging Face config (GPT-2 and Llama-style names).
-
-    Follows the model code, not PEFT's config guessing: GPT-2 has ``hidden_size // num_heads`` per head and no
-    GQA; Llama/Mistral/Qwen2 read ``head_dim`` when set and ``num_key_value_heads`` for GQA.
-    """
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    num_layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
-    num_heads = _get(config, "num_attention_heads", "n_head", "num_heads")
-    hidden = _get(config, "hidden_size", "n_embd", "d_model")
-    if num_layers is None or num_heads is None or hidden is None:
-        raise ValueError("cannot read num_layers / num_attention_heads / hidden_size from the model config "
-                         f"{type(config).__name__}; build the prefix with PrefixTuning.from_shape(...)")
-    num_kv = _get(config, "num_key_value_heads", default=num_heads)
-    head_dim = _get(config, "head_dim", default=hidden // num_heads)
-    return PrefixShape(int(num_layers), int(num_kv), int(head_dim))
 
 
 class PrefixTuning(nn.Module):
@@ -98,6 +63,8 @@ class PrefixTuning(nn.Module):
                              the embedding init and ``"zeros"`` zeroes the MLP's last layer (PEFT
                              ``init_weights="zero"``)
         init_std:            standard deviation of ``"normal"``
+        parameterization:    ``"direct"``, ``"mlp"`` (same as ``projection=True``) or ``"hidden"``
+        hidden_size:         rows of a ``"hidden"`` prefix (default: the config's ``hidden_size`` / ``n_embd``)
         dtype, device:       of the parameters (float32 recommended for training even for a half-precision
                              model: the attention function casts the prefix to the query dtype)
     """
@@ -112,10 +79,19 @@ class PrefixTuning(nn.Module):
         projection_hidden: Optional[int] = None,
         init: str = "normal",
         init_std: float = 0.02,
+        parameterization: Optional[str] = None,
+        hidden_size: Optional[int] = None,
         dtype: torch.dtype = torch.float32,
         device=None,
     ):
         super().__init__()
+        if parameterization is None:
+            parameterization = "mlp" if projection else "direct"
+        if parameterization not in ("direct", "mlp", "hidden"):
+            raise ValueError(f"parameterization must be 'direct', 'mlp' or 'hidden', got {parameterization!r}")
+        if projection and parameterization != "mlp":
+            raise ValueError(f"projection=True is parameterization='mlp', not {parameterization!r}")
+        projection = parameterization == "mlp"
         shape = config if isinstance(config, PrefixShape) else prefix_shape_from_config(config)
         if num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
@@ -125,11 +101,22 @@ class PrefixTuning(nn.Module):
         self.shape = shape
         self.num_virtual_tokens = int(num_virtual_tokens)
         self.projection = bool(projection)
+        self.parameterization = parameterization
+        self.hidden_size = None
+        self._bound_attention = None  # "hidden": the attention modules whose projections it uses, by layer
         token_dim = shape.num_kv_heads * shape.head_dim
         self.projection_dim = int(projection_dim or token_dim) if projection else None
         self.projection_hidden = int(projection_hidden or token_dim) if projection else None
         factory = {"dtype": dtype, "device": device}
-        if projection:
+        if parameterization == "hidden":
+            if hidden_size is None and isinstance(config, PrefixShape):
+                raise ValueError("parameterization='hidden' with a PrefixShape needs hidden_size=")
+            self.hidden_size = int(hidden_size or hidden_size_from_config(config))
+            rows = torch.empty(shape.num_layers, self.num_virtual_tokens, self.hidden_size, **factory)
+            with torch.no_grad():
+                rows.normal_(0.0, init_std) if init == "normal" else rows.zero_()
+            self.prefix_hidden = nn.Parameter(rows)
+        elif projection:
             self.embedding = nn.Embedding(self.num_virtual_tokens, self.projection_dim, **factory)
             self.transform = nn.Sequential(
                 nn.Linear(self.projection_dim, self.projection_hidden, **factory),
@@ -163,6 +150,8 @@ class PrefixTuning(nn.Module):
 
     def extra_repr(self) -> str:
         mode = f"projection({self.projection_dim}->{self.projection_hidden})" if self.projection else "direct"
+        if self.parameterization == "hidden":
+            mode = f"hidden({self.hidden_size}, {'bound' if self._bound_attention else 'unbound'})"
         return f"{self.shape.describe()}, num_virtual_tokens={self.num_virtual_tokens}, {mode}"
 
     def check_compatible(self, config_or_shape) -> None:
@@ -180,8 +169,11 @@ class PrefixTuning(nn.Module):
     def key_value(self) -> torch.Tensor:
         """All layers at once: ``[num_layers, 2, heads_kv, P, head_dim]``, differentiable.
 
-        Direct mode returns the parameter itself (no copy); projection mode runs the MLP once.
+        Direct mode returns the parameter itself (no copy); projection mode runs the MLP once; hidden mode projects
+        every layer's rows through the bound model's frozen key/value projections.
         """
+        if self.parameterization == "hidden":
+            return self._project_hidden()
         if not self.projection:
             return self.prefix_kv
         flat = self.transform(self.embedding.weight)  # [P, L * 2 * Hkv * D], PEFT's layout
@@ -197,87 +189,85 @@ class PrefixTuning(nn.Module):
         """``[heads_kv, P, head_dim]`` values of one layer (a view in direct mode)."""
         return self.key_value()[layer_idx, 1]
 
+    # ------------------------------------------------------------------ hidden-state prefixes
+    def bind(self, model_or_attention_modules) -> "PrefixTuning":
+        """Give a ``"hidden"`` prefix the model whose frozen projections it uses: a transformers model, or its
+        attention modules (one per layer, in layer order). ``enable`` does this; returns self."""
+        from . import hidden  # noqa: PLC0415
+
+        modules = model_or_attention_modules
+        if isinstance(modules, nn.Module):
+            from .integrations.hf_model import attention_modules  # noqa: PLC0415 - needs transformers
+
+            modules = sorted(attention_modules(modules), key=lambda m: m.layer_idx)
+        modules = list(modules)
+        if len(modules) != self.num_layers:
+            raise ValueError(f"a hidden-state prefix of {self.num_layers} layers cannot bind {len(modules)} "
+                             f"attention modules")
+        for m in modules:
+            hidden.check_projectable(m)
+        self._bound_attention = modules
+        return self
+
+    def unbind(self) -> None:
+        self._bound_attention = None
+
+    def _project_hidden(self) -> torch.Tensor:
+        from . import hidden  # noqa: PLC0415
+
+        if self._bound_attention is None:
+            raise RuntimeError("this parameterization='hidden' prefix is not bound to a model: its K/V come from the "
+                               "model's key/value projections. Call prefix_attn.enable(model, prefix) or "
+                               "prefix.bind(model) first")
+        s = self.shape
+        layers = []
+        for layer, module in enumerate(self._bound_attention):
+            k, v = hidden.project_kv(module, self.prefix_hidden[layer], s.num_kv_heads, s.head_dim)
+            layers.append(torch.stack([k, v]))
+        return torch.stack(layers)  # [L, 2, Hkv, P, D]
+
     @torch.no_grad()
     def materialize(self) -> "PrefixTuning":
         """Evaluate the reparameterisation once and keep only the resulting K/V (in place; returns self).
 
-        Li & Liang train through the MLP and drop it afterwards: inference then reads the prefix directly.
+        Li & Liang train through the MLP and drop it afterwards: inference then reads the prefix directly. A
+        hidden-state prefix (bound) becomes the K/V its projections give now.
         """
+        if self.parameterization == "hidden":
+            kv = self.key_value().detach().clone()
+            del self.prefix_hidden
+            self.parameterization, self.hidden_size = "direct", None
+            self.unbind()
+            self.prefix_kv = nn.Parameter(kv)
+            return self
         if not self.projection:
             return self
         kv = self.key_value().detach().clone()
         del self.embedding
         del self.transform
+        self.parameterization = "direct"
         self.projection = False
         self.projection_dim = self.projection_hidden = None
         self.prefix_kv = nn.Parameter(kv)
         return self
 
-    # ------------------------------------------------------------------ PEFT layout
+    # ------------------------------------------------------------------ PEFT (prefix_attn/peft_format.py)
     def to_peft_embeddings(self) -> torch.Tensor:
-        """The prefix as PEFT stores it: ``[P, num_layers * 2 * heads_kv * head_dim]``
-        (``prompt_embeddings``)."""
-        kv = self.key_value()
-        return kv.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1)
+        """The prefix as PEFT stores it: ``[P, num_layers * 2 * heads_kv * head_dim]`` (``prompt_embeddings``)."""
+        return peft_format.to_peft_embeddings(self)
 
     @staticmethod
-    def _kv_from_peft_embeddings(flat: torch.Tensor, shape: PrefixShape,
-                                 num_virtual_tokens: int) -> torch.Tensor:
-        expected = (num_virtual_tokens, shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim)
-        if tuple(flat.shape) != expected:
-            raise ValueError(f"PEFT prefix embeddings have shape {tuple(flat.shape)}, expected {expected} "
-                             f"for {shape.describe()} and num_virtual_tokens={num_virtual_tokens}")
-        kv = flat.reshape(num_virtual_tokens, shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
-        return kv.permute(1, 2, 3, 0, 4).contiguous()
-
-    @staticmethod
-    def _peft_shape(peft_config, model_config) -> PrefixShape:
-        """The shape PEFT gave the prefix, checked against the model's own."""
-        num_layers = peft_config.num_layers
-        heads = peft_config.num_attention_heads
-        token_dim = peft_config.token_dim
-        if getattr(peft_config, "num_transformer_submodules", 1) not in (None, 1):
-            raise ValueError("only decoder-only PEFT prefix tuning (num_transformer_submodules=1) is "
-                             "supported")
-        if token_dim % heads:
-            raise ValueError(f"PEFT config token_dim={token_dim} is not a multiple of "
-                             f"num_attention_heads={heads}")
-        shape = PrefixShape(int(num_layers), int(heads), int(token_dim // heads))
-        if model_config is not None:
-            model_shape = prefix_shape_from_config(model_config)
-            if model_shape != shape:
-                raise ValueError(f"the PEFT prefix has {shape.describe()} but the model has "
-                                 f"{model_shape.describe()}")
-        return shape
+    def _kv_from_peft_embeddings(flat: torch.Tensor, shape: PrefixShape, num_virtual_tokens: int) -> torch.Tensor:
+        return peft_format.kv_from_peft_embeddings(flat, shape, num_virtual_tokens)
 
     @classmethod
     def from_peft(cls, peft_model, adapter_name: Optional[str] = None) -> "PrefixTuning":
-        """Same values as a PEFT ``PrefixTuningConfig`` model (trained or fresh), as a new, independent
-        module.
+        """Same values as a PEFT ``PrefixTuningConfig`` model (trained or fresh), as a new, independent module.
 
         With ``prefix_projection=True`` (and not ``inference_mode``) the embedding and MLP are copied, so
         training can go on through the same reparameterisation; otherwise the K/V matrix is copied.
         """
-        name = adapter_name or peft_model.active_adapter
-        peft_config = peft_model.peft_config[name]
-        peft_type = getattr(peft_config.peft_type, "value", peft_config.peft_type)
-        if peft_type != "PREFIX_TUNING":
-            raise ValueError(f"adapter {name!r} is {peft_type}, not PREFIX_TUNING")
-        shape = cls._peft_shape(peft_config, peft_model.get_base_model().config)
-        encoder = peft_model.prompt_encoder[name]
-        weight = encoder.embedding.weight
-        factory = {"dtype": weight.dtype, "device": weight.device}
-        P = peft_config.num_virtual_tokens
-        if getattr(encoder, "prefix_projection", False) and hasattr(encoder, "transform"):
-            prefix = cls(shape, P, projection=True, projection_dim=weight.shape[1],
-                         projection_hidden=encoder.transform[0].out_features, **factory)
-            prefix.embedding.load_state_dict(encoder.embedding.state_dict())
-            prefix.transform.load_state_dict(encoder.transform.state_dict())
-            return prefix
-        prefix = cls(shape, P, init="zeros", **factory)
-        with torch.no_grad():
-            prefix.prefix_kv.copy_(cls._kv_from_peft_embeddings(weight.detach(), shape, P))
-        return prefix
+        return peft_format.from_peft(cls, peft_model, adapter_name)
 
     @classmethod
     def from_peft_adapter(cls, path: str, config=None, *, dtype: torch.dtype = torch.float32,
@@ -285,42 +275,29 @@ class PrefixTuning(nn.Module):
         """Load a saved PEFT prefix-tuning adapter directory (``adapter_config.json`` +
         ``adapter_model.safetensors`` or ``adapter_model.bin``) as a direct prefix. ``config``: the model
         config, checked against the adapter."""
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            adapter_config = json.load(f)
-        if adapter_config.get("peft_type") != "PREFIX_TUNING":
-            raise ValueError(f"{path} holds a {adapter_config.get('peft_type')} adapter, not PREFIX_TUNING")
+        return peft_format.from_peft_adapter(cls, path, config, dtype=dtype, device=device)
 
-        class _Cfg:  # the few fields _peft_shape reads
-            num_layers = adapter_config["num_layers"]
-            num_attention_heads = adapter_config["num_attention_heads"]
-            token_dim = adapter_config["token_dim"]
-            num_transformer_submodules = adapter_config.get("num_transformer_submodules", 1)
-
-        shape = cls._peft_shape(_Cfg, config)
-        st_path = os.path.join(path, "adapter_model.safetensors")
-        if os.path.exists(st_path):
-            from safetensors.torch import load_file
-
-            state = load_file(st_path)
-        else:
-            state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
-        P = adapter_config["num_virtual_tokens"]
-        prefix = cls(shape, P, init="zeros", dtype=dtype, device=device)
-        with torch.no_grad():
-            prefix.prefix_kv.copy_(cls._kv_from_peft_embeddings(state["prompt_embeddings"], shape, P))
-        return prefix
+    def save_peft_adapter(self, path: str, base_model_name: Optional[str] = None) -> str:
+        """Write this prefix as a PEFT prefix-tuning adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors`` with ``prompt_embeddings``) that ``peft.PeftModel.from_pretrained(base,
+        path)`` loads. Any parameterisation: the current K/V values are written (a direct prefix in PEFT's
+        ``inference_mode``), so an MLP or hidden-state prefix exports exactly what it computes now. Returns
+        ``path``."""
+        return peft_format.save_peft_adapter(self, path, base_model_name)
 
     # ------------------------------------------------------------------ real-word init
     @classmethod
     @torch.no_grad()
     def from_text(cls, model, token_ids: Union[Sequence[int], torch.Tensor], *, projection: bool = False,
-                  projection_hidden: Optional[int] = None,
+                  projection_hidden: Optional[int] = None, parameterization: Optional[str] = None,
                   dtype: torch.dtype = torch.float32) -> "PrefixTuning":
         """Initialise from real words: ``P = len(token_ids)``.
 
         Direct mode: run the (stock, not prefix-enabled) model on the tokens and take every layer's K/V
         activations (Li & Liang, section 7.2). Projection mode: the MLP input embedding starts as the model's
         word embeddings of the tokens (needs ``projection_dim == hidden_size``) with a zero last MLP layer.
+        Hidden mode (``parameterization="hidden"``): every layer's rows start as the word embeddings of the
+        tokens, and the prefix is bound to ``model``.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         P = int(ids.numel())
@@ -328,6 +305,13 @@ class PrefixTuning(nn.Module):
             raise ValueError("token_ids is empty")
         device = next(model.parameters()).device
         ids = ids.to(device)
+        if parameterization == "hidden":
+            emb = model.get_input_embeddings().weight[ids].to(dtype)
+            prefix = cls(model.config, P, parameterization="hidden", hidden_size=emb.shape[1], init="zeros",
+                         dtype=dtype, device=device)
+            prefix.prefix_hidden.copy_(emb.unsqueeze(0).expand_as(prefix.prefix_hidden))
+            return prefix.bind(model)
+        projection = projection or parameterization == "mlp"
         if projection:
             emb = model.get_input_embeddings().weight[ids].to(dtype)
             prefix = cls(model.config, P, projection=True, projection_dim=emb.shape[1],
@@ -354,7 +338,8 @@ class PrefixTuning(nn.Module):
     def config_dict(self) -> Dict[str, Any]:
         return {"format": _FORMAT, **asdict(self.shape), "num_virtual_tokens": self.num_virtual_tokens,
                 "projection": self.projection, "projection_dim": self.projection_dim,
-                "projection_hidden": self.projection_hidden}
+                "projection_hidden": self.projection_hidden, "parameterization": self.parameterization,
+                "hidden_size": self.hidden_size}
 
     def save(self, path: str) -> str:
         """Write the weights and the config to one safetensors file (``path`` or ``path/prefix.safetensors``
@@ -387,6 +372,7 @@ class PrefixTuning(nn.Module):
         first = next(iter(state.values()))
         prefix = cls(shape, cfg["num_virtual_tokens"], projection=cfg["projection"],
                      projection_dim=cfg["projection_dim"], projection_hidden=cfg["projection_hidden"],
+                     parameterization=cfg.get("parameterization"), hidden_size=cfg.get("hidden_size"),
                      dtype=dtype or first.dtype, device=device)
         prefix.load_state_dict(state)
         return prefix

@@ -402,10 +402,15 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
             raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
                              f"prefix has {PrefixShape.describe(prefix.shape)}")
 
+    by_layer = sorted(modules, key=lambda m: m.layer_idx)
+    for m in prefix.modules():  # hidden-state prefixes read this model's frozen key/value projections
+        if isinstance(m, PrefixTuning) and m.parameterization == "hidden":
+            m.bind(by_layer)
     runner = _runner(model, modules)
     mask_positions = _position_rule(runner)
     hf.register()
-    device = next(iter(model.parameters()), prefix.key_value()).device
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else next(iter(prefix.parameters())).device
     if any(p.device != device for p in prefix.parameters()):
         prefix.to(device)
     previous = config._attn_implementation

@@ -10,6 +10,7 @@
 
     python examples/train_prefix_gpt2.py                 # seconds to minutes on 2 CPU cores
     python examples/train_prefix_gpt2.py --projection    # Li & Liang's MLP, materialised after training
+    python examples/train_prefix_gpt2.py --hidden        # per-layer hidden states through the frozen W_k / W_v
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def main():
     ap.add_argument("--steps", type=int, default=200, help="prefix training steps")
     ap.add_argument("--num-virtual-tokens", type=int, default=8)
     ap.add_argument("--projection", action="store_true", help="train through Li & Liang's MLP")
+    ap.add_argument("--hidden", action="store_true",
+                    help="parameterization='hidden': per-layer [P, hidden] rows through the model's frozen W_k/W_v")
     ap.add_argument("--lr", type=float, default=None, help="prefix learning rate (3e-2; 1e-3 with MLP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -137,7 +140,8 @@ def main():
 
     # 2. prefix tuning: only the prefix trains, the model is frozen by enable()
     prefix = prefix_attn.PrefixTuning(model.config, num_virtual_tokens=args.num_virtual_tokens,
-                                      projection=args.projection, init="normal", init_std=0.02)
+                                      projection=args.projection, init="normal", init_std=0.02,
+                                      parameterization="hidden" if args.hidden else None)
     prefix_attn.enable(model, prefix)
     model.train()
     trainable = sum(p.numel() for p in prefix.parameters())

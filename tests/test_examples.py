@@ -24,3 +24,16 @@ def test_prefix_bank_example_runs(tmp_path):
     saved = tmp_path / "bank_model"
     assert (saved / "model.safetensors").is_file()
     assert sorted(os.listdir(saved / "prefix_bank")) == ["bank.json", "entry_0.safetensors", "entry_1.safetensors"]
+
+
+@pytest.mark.parametrize("options", [["--hidden"], ["--attn-pdrop", "0.1", "--pretrain-steps", "150", "--steps", "100"]],
+                         ids=["hidden", "attention-dropout"])
+def test_gpt2_example_runs(tmp_path, options):
+    """The GPT-2 example with a hidden-state prefix (default lengths), and with GPT-2's attention dropout in the
+    kernels (a shorter run)."""
+    script = os.path.join(EXAMPLES, "train_prefix_gpt2.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path), *options], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    hits = re.search(r"(\d)/4 generations follow rule -2", run.stdout)
+    assert hits and int(hits.group(1)) >= 3, run.stdout[-3000:]

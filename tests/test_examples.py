@@ -26,7 +26,8 @@ def test_prefix_bank_example_runs(tmp_path):
     assert sorted(os.listdir(saved / "prefix_bank")) == ["bank.json", "entry_0.safetensors", "entry_1.safetensors"]
 
 
-@pytest.mark.parametrize("options", [["--hidden"], ["--attn-pdrop", "0.1", "--pretrain-steps", "150", "--steps", "100"]],
+@pytest.mark.parametrize("options", [["--hidden"],
+                                     ["--attn-pdrop", "0.1", "--pretrain-steps", "150", "--steps", "100"]],
                          ids=["hidden", "attention-dropout"])
 def test_gpt2_example_runs(tmp_path, options):
     """The GPT-2 example with a hidden-state prefix (default lengths), and with GPT-2's attention dropout in the

@@ -101,12 +101,13 @@ class PrefixBank(nn.Module):
         return f"{len(self)} entries ({sizes})"
 
     # ------------------------------------------------------------------ values
-    def key_value(self) -> torch.Tensor:
-        """``[num_layers, 2, N, heads_kv, P_max, head_dim]``, differentiable into every entry."""
+    def key_value(self, attention_modules=None) -> torch.Tensor:
+        """``[num_layers, 2, N, heads_kv, P_max, head_dim]``, differentiable into every entry
+        (``attention_modules``: see :meth:`PrefixTuning.key_value`)."""
         p_max = self.num_virtual_tokens
         kvs = []
         for m in self.entries:
-            kv = m.key_value()  # [L, 2, Hkv, P, D]
+            kv = m.key_value(attention_modules)  # [L, 2, Hkv, P, D]
             if kv.shape[3] < p_max:
                 kv = torch.nn.functional.pad(kv, (0, 0, 0, p_max - kv.shape[3]))
             kvs.append(kv)

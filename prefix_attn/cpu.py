@@ -110,6 +110,8 @@ def _module():
 def _dropout_args(dropout_p, dropout_seed, batch_offset) -> dict:
     if dropout_p <= 0:
         return {}
+    if dropout_seed is None:
+        raise ValueError("dropout_p > 0 needs dropout_seed (an int64 one-element tensor)")
     return dict(dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_batch_offset=int(batch_offset))
 
 

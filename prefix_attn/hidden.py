@@ -5,7 +5,9 @@ no key norm, as PEFT's prefix keys get none).
 Supported attention modules: GPT-2's fused ``c_attn`` (a ``Conv1D`` ``[hidden, 3 * hidden]``: query | key | value) and
 separate ``k_proj`` / ``v_proj`` linear layers (Llama, Mistral, Qwen2 with their biases, Gemma, Phi, OPT, ...).
 The projection weights are read detached: they are frozen by definition of this parameterisation, so the
-gradient reaches ``P_theta`` only.
+gradient reaches ``P_theta`` only. They are read once per forward, before the decoder layers run: sharded
+(FSDP2 ``DTensor``), offloaded (``meta``) or quantised weights are refused; ``materialize()`` such a prefix on an
+unsharded copy, or train a direct prefix.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import torch.nn.functional as F
 __all__ = ["check_projectable", "project_kv"]
 
 
-def check_projectable(module) -> None:
-    """NotImplementedError naming the module unless its key/value projections are ones this module reads."""
+def check_projectable(module, hidden_size=None) -> None:
+    """NotImplementedError naming the module unless its key/value projections are ones this module reads (and, with
+    ``hidden_size``, ValueError unless they take rows that wide)."""
     if _is_gpt2(module) or _has_kv_proj(module):
+        width = (module.c_attn.weight.shape[0] if _is_gpt2(module) else module.k_proj.weight.shape[1])
+        if hidden_size is not None and width != hidden_size:
+            raise ValueError(f"{type(module).__name__}'s key/value projections take {width} features but the "
+                             f"hidden-state prefix rows have {hidden_size}")
         return
     raise NotImplementedError(
         f"parameterization='hidden' needs an attention module with GPT-2's c_attn or separate k_proj / v_proj "
@@ -29,12 +36,25 @@ def check_projectable(module) -> None:
 
 
 def _is_gpt2(module) -> bool:
-    return hasattr(module, "c_attn") and hasattr(module, "embed_dim") and not getattr(module, "is_cross_attention",
-                                                                                        False)
+    """GPT-2's attention: a transformers ``Conv1D`` c_attn (weight ``[in, 3 * embed_dim]``, attribute ``nf``)."""
+    c_attn = getattr(module, "c_attn", None)
+    return (c_attn is not None and hasattr(c_attn, "nf") and hasattr(module, "embed_dim")
+            and not getattr(module, "is_cross_attention", False))
 
 
 def _has_kv_proj(module) -> bool:
     return all(hasattr(getattr(module, name, None), "weight") for name in ("k_proj", "v_proj"))
+
+
+def _weight(layer, rows):
+    w = layer.weight
+    if type(w).__name__ == "DTensor" or w.is_meta or not w.dtype.is_floating_point:
+        kind = "sharded (DTensor)" if type(w).__name__ == "DTensor" else ("on the meta device" if w.is_meta
+                                                                          else f"{w.dtype}")
+        raise NotImplementedError(f"a hidden-state prefix reads the key/value projection weights directly; they are "
+                                  f"{kind} here. materialize() the prefix on an unsharded model, or use a direct "
+                                  f"prefix")
+    return w.detach()
 
 
 def _bias(layer, dtype):
@@ -49,18 +69,18 @@ def project_kv(module, rows: torch.Tensor, num_kv_heads: int, head_dim: int) -> 
     dtype = rows.dtype
     if _is_gpt2(module):
         E = module.embed_dim
-        w = module.c_attn.weight.detach().to(device=rows.device, dtype=dtype)  # Conv1D: [in, 3 * E]
+        w = _weight(module.c_attn, rows)[:, E:3 * E].to(device=rows.device, dtype=dtype)  # Conv1D: [in, 3 * E]
         b = _bias(module.c_attn, dtype)
-        k = rows @ w[:, E:2 * E]
-        v = rows @ w[:, 2 * E:3 * E]
+        k = rows @ w[:, :E]
+        v = rows @ w[:, E:]
         if b is not None:
             b = b.to(rows.device)
             k, v = k + b[E:2 * E], v + b[2 * E:3 * E]
     elif _has_kv_proj(module):
         kp, vp = module.k_proj, module.v_proj
-        k = F.linear(rows, kp.weight.detach().to(device=rows.device, dtype=dtype),
+        k = F.linear(rows, _weight(kp, rows).to(device=rows.device, dtype=dtype),
                      None if kp.bias is None else _bias(kp, dtype).to(rows.device))
-        v = F.linear(rows, vp.weight.detach().to(device=rows.device, dtype=dtype),
+        v = F.linear(rows, _weight(vp, rows).to(device=rows.device, dtype=dtype),
                      None if vp.bias is None else _bias(vp, dtype).to(rows.device))
     else:
         check_projectable(module)

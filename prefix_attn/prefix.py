@@ -166,14 +166,16 @@ class PrefixTuning(nn.Module):
                              f"model has {other.describe()}; mismatched: " + "; ".join(diffs))
 
     # ------------------------------------------------------------------ values
-    def key_value(self) -> torch.Tensor:
+    def key_value(self, attention_modules=None) -> torch.Tensor:
         """All layers at once: ``[num_layers, 2, heads_kv, P, head_dim]``, differentiable.
 
         Direct mode returns the parameter itself (no copy); projection mode runs the MLP once; hidden mode projects
-        every layer's rows through the bound model's frozen key/value projections.
+        every layer's rows through the frozen key/value projections of ``attention_modules`` (one per layer, in
+        order: what an enabled model passes, so that each model uses its own weights) or, when None, of the model
+        it was last bound to. Other modes ignore ``attention_modules``.
         """
         if self.parameterization == "hidden":
-            return self._project_hidden()
+            return self._project_hidden(attention_modules)
         if not self.projection:
             return self.prefix_kv
         flat = self.transform(self.embedding.weight)  # [P, L * 2 * Hkv * D], PEFT's layout
@@ -205,23 +207,32 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"a hidden-state prefix of {self.num_layers} layers cannot bind {len(modules)} "
                              f"attention modules")
         for m in modules:
-            hidden.check_projectable(m)
+            hidden.check_projectable(m, self.hidden_size)
         self._bound_attention = modules
         return self
+
+    def __getstate__(self):
+        # a copy or pickle of the prefix alone must not carry the model's attention layers along: it comes unbound
+        # (an enabled model's forward passes its own modules; bind() again for standalone key_value()/materialize())
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_bound_attention"] = None
+        return state
 
     def unbind(self) -> None:
         self._bound_attention = None
 
-    def _project_hidden(self) -> torch.Tensor:
+    def _project_hidden(self, attention_modules=None) -> torch.Tensor:
         from . import hidden  # noqa: PLC0415
 
-        if self._bound_attention is None:
+        modules = self._bound_attention if attention_modules is None else attention_modules
+        if modules is None:
             raise RuntimeError("this parameterization='hidden' prefix is not bound to a model: its K/V come from the "
                                "model's key/value projections. Call prefix_attn.enable(model, prefix) or "
                                "prefix.bind(model) first")
         s = self.shape
         layers = []
-        for layer, module in enumerate(self._bound_attention):
+        for layer, module in enumerate(modules):
             k, v = hidden.project_kv(module, self.prefix_hidden[layer], s.num_kv_heads, s.head_dim)
             layers.append(torch.stack([k, v]))
         return torch.stack(layers)  # [L, 2, Hkv, P, D]
@@ -307,6 +318,10 @@ class PrefixTuning(nn.Module):
         ids = ids.to(device)
         if parameterization == "hidden":
             emb = model.get_input_embeddings().weight[ids].to(dtype)
+            if emb.shape[1] != hidden_size_from_config(model.config):
+                raise ValueError(f"the word embeddings are {emb.shape[1]} wide but the hidden states "
+                                 f"{hidden_size_from_config(model.config)}: from_text(parameterization='hidden') "
+                                 f"needs them equal")
             prefix = cls(model.config, P, parameterization="hidden", hidden_size=emb.shape[1], init="zeros",
                          dtype=dtype, device=device)
             prefix.prefix_hidden.copy_(emb.unsqueeze(0).expand_as(prefix.prefix_hidden))

@@ -19,7 +19,9 @@ import prefix_attn  # noqa: E402
 from prefix_attn import PrefixTuning  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
-KINDS = ["gpt2", "llama", "qwen2"]  # fused c_attn; k_proj / v_proj without and with biases
+# fused c_attn; k_proj / v_proj without and with biases; a head_dim other than hidden / heads
+KINDS = [("gpt2", {}), ("llama", {}), ("qwen2", {}), ("llama", {"head_dim": 16})]
+KIND_IDS = ["gpt2", "llama", "qwen2", "llama-head_dim16"]
 
 
 def manual_kv(model, rows):
@@ -38,14 +40,15 @@ def manual_kv(model, rows):
             attn = model.model.layers[layer].self_attn
             k = x @ attn.k_proj.weight.T + (attn.k_proj.bias if attn.k_proj.bias is not None else 0)
             v = x @ attn.v_proj.weight.T + (attn.v_proj.bias if attn.v_proj.bias is not None else 0)
-            Hkv, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+            Hkv = cfg.num_key_value_heads
+            D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         out.append(torch.stack([k.view(-1, Hkv, D).transpose(0, 1), v.view(-1, Hkv, D).transpose(0, 1)]))
     return torch.stack(out)
 
 
-def hidden_prefix_and_peft(kind):
+def hidden_prefix_and_peft(kind, **overrides):
     """(peft_model holding the hand-computed K/V, our model with a hidden prefix, the prefix)."""
-    peft_model, ours, _ = peft_and_ours(kind)
+    peft_model, ours, _ = peft_and_ours(kind, **overrides)
     base = dict(peft_model.get_base_model().named_parameters())
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # random biases (the models initialise them to zero): the projections' biases count
@@ -62,9 +65,9 @@ def hidden_prefix_and_peft(kind):
     return peft_model, ours, prefix
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_kv_are_rows_through_the_frozen_projections(kind):
-    _, ours, prefix = hidden_prefix_and_peft(kind)
+@pytest.mark.parametrize("kind,overrides", KINDS, ids=KIND_IDS)
+def test_kv_are_rows_through_the_frozen_projections(kind, overrides):
+    _, ours, prefix = hidden_prefix_and_peft(kind, **overrides)
     torch.testing.assert_close(prefix.key_value(), manual_kv(ours, prefix.prefix_hidden), atol=1e-6, rtol=1e-6)
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["prefix_attn.prefix_hidden"]
     cfg = ours.config
@@ -72,9 +75,9 @@ def test_kv_are_rows_through_the_frozen_projections(kind):
     assert prefix.prefix_hidden.shape == (prefix.num_layers, P, hidden)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_outputs_and_gradient_match_peft_on_hand_computed_kv(kind):
-    peft_model, ours, prefix = hidden_prefix_and_peft(kind)
+@pytest.mark.parametrize("kind,overrides", KINDS, ids=KIND_IDS)
+def test_outputs_and_gradient_match_peft_on_hand_computed_kv(kind, overrides):
+    peft_model, ours, prefix = hidden_prefix_and_peft(kind, **overrides)
     ids, mask, labels = padded_batch()
     a = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
     b = ours(input_ids=ids, attention_mask=mask, labels=labels)
@@ -127,6 +130,38 @@ def test_training_moves_only_the_rows_and_materialize_keeps_outputs(kind, tmp_pa
     prefix.materialize()
     assert prefix.parameterization == "direct" and torch.equal(prefix.prefix_kv, kv)
     torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, want, atol=1e-6, rtol=1e-6)
+
+
+def test_each_model_projects_through_its_own_weights_and_copies_stay_small():
+    """One prefix enabled on two models: each forward uses its own model's projections. A copy of the prefix alone
+    does not carry the model's layers; a copy of the model keeps working."""
+    _, m1, prefix = hidden_prefix_and_peft("llama")
+    ids, mask, _ = padded_batch()
+    before = m1(input_ids=ids, attention_mask=mask).logits
+    m2 = tiny_model("llama")
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.mul_(1.5)
+    prefix_attn.enable(m2, prefix)
+    assert not torch.allclose(m2(input_ids=ids, attention_mask=mask).logits, before, atol=1e-3)
+    torch.testing.assert_close(m1(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    alone = copy.deepcopy(prefix)
+    assert alone._bound_attention is None and [n for n, _ in alone.named_parameters()] == ["prefix_hidden"]
+    twin = copy.deepcopy(m1)
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+
+
+def test_sharded_offloaded_or_quantised_weights_are_refused():
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k_proj = torch.nn.Linear(48, 16, device="meta")
+            self.v_proj = torch.nn.Linear(48, 16, device="meta")
+
+    prefix = PrefixTuning(tiny_model("llama").config, P, parameterization="hidden")
+    prefix.bind([Attn(), Attn()])
+    with pytest.raises(NotImplementedError, match="meta device"):
+        prefix.key_value()
 
 
 def test_from_text_starts_every_layer_at_the_word_embeddings():

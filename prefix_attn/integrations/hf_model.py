@@ -122,7 +122,7 @@ class _Binding:
 
     def begin_forward(self) -> None:
         if self.depth == 0:
-            kv = self.prefix.key_value()
+            kv = self.prefix.key_value(self.attention_modules_by_layer)
             self.kv_after = None
             if kv.grad_fn is not None and not torch.compiler.is_compiling():
                 kv = _HoldForBackward.apply(kv)
@@ -157,7 +157,7 @@ class _Binding:
         attention layer called on its own, or recomputed by activation checkpointing after the forward)."""
         kv = self.kv if self.kv is not None else self._kv_of_graph()
         if kv is None:
-            kv = self.prefix.key_value()
+            kv = self.prefix.key_value(self.attention_modules_by_layer)
         kv = kv[layer_idx]
         return kv[0], kv[1]
 
@@ -430,6 +430,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     for m in modules:
         m._prefix_attn_binding = binding
     binding.attention_modules = modules
+    binding.attention_modules_by_layer = by_layer  # what a hidden-state prefix projects through, in this model
     hooks = _DecoderHooks(binding, mask_positions)
     calls = _CallHooks(binding)
     binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),

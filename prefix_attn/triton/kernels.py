@@ -38,7 +38,8 @@ Attention dropout (``DROPOUT``, compile-time): every kernel regenerates the keep
 (seed, b, h, query, column) with Philox (``_dropout_keep``, the mask of ``prefix_attn/dropout.py``); SEED is an
 int64 0-d tensor, ``drop_thr = floor(p * 2**16)`` and ``drop_scale = 1 / (1 - p)``. The forward sums the
 probabilities before dropout into l and the dropped ones into the output; the backward uses
-dV = (P * Z)^T dO and dS = P * (Z * dP - delta) with Z = keep * drop_scale.
+dV = (P * Z)^T dO and dS = P * (Z * dP - delta) with Z = keep * drop_scale (dV accumulates keep * P and is
+scaled once at the end: no 16-bit overflow of P * drop_scale).
 """
 
 import triton

@@ -61,7 +61,7 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
     dp_t = _dot(v, tl.trans(do), PRECISION)  # [N, M]
     if DROPOUT:
         keep_t = _dropout_keep(seed, b, h, q0, cols, drop_thr, q.shape[0], True)
-        dv += _dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, PRECISION)
+        dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, PRECISION)  # times drop_scale at the end
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
         dv += _dot(p_t.to(do.dtype), do, PRECISION)
@@ -138,6 +138,8 @@ def _prefix_attn_bwd_dkdv_kernel(
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
                               seed, b, h, start_m, P + offs_n, drop_thr, drop_scale,
                               False, PRECISION, SOFTCAP, DROPOUT)
+    if DROPOUT:
+        dv = dv * drop_scale
     if HAS_MASK:  # a padded key has p = 0 for every query: its rows of dK and dV are exactly zero
         keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_valid, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
@@ -215,6 +217,8 @@ def _prefix_attn_bwd_dprefix_kernel(
         dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, 0, qk_scale, cap_in, cap_out,
                               seed, b, h, start_m, offs_n, drop_thr, drop_scale,
                               False, PRECISION, SOFTCAP, DROPOUT)
+    if DROPOUT:
+        dv = dv * drop_scale
     if HAS_LENS:  # invisible slots: exactly zero
         visible = (offs_n < tl.load(LENS + e))[:, None]
         dk = tl.where(visible, dk, 0.0)

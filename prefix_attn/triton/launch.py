@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import triton
 
+from .. import dropout
 from . import tuning
 from .kernels import LOG2E, _prefix_attn_bwd_preprocess_kernel, _prefix_attn_fwd_kernel
 from .kernels_bwd import (
@@ -168,8 +169,11 @@ class _Dropout:
 
     def __init__(self, dropout_p: float, dropout_seed, q):
         self.on = dropout_p > 0
+        if self.on and not (isinstance(dropout_seed, torch.Tensor) and dropout_seed.dtype == torch.int64
+                            and dropout_seed.numel() == 1 and dropout_seed.device == q.device):
+            raise ValueError(f"dropout_p > 0 needs dropout_seed as an int64 one-element tensor on {q.device}")
         self.seed = dropout_seed if self.on else q
-        self.threshold = int(dropout_p * 2**16) if self.on else 0  # prefix_attn.dropout.threshold
+        self.threshold = dropout.threshold(dropout_p) if self.on else 0
         self.scale = 1.0 / (1.0 - dropout_p) if self.on else 1.0
 
     def args(self):

@@ -261,3 +261,21 @@ def test_cpu_philox_implementations_agree():
     for other in results[1:]:
         for x, y in zip(results[0], other):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_applies_dropout_mask(backend):
+    """The transposed kernels' mask (dV and the prefix dV) read out: q = 0 gives uniform probabilities and dO =
+    one-hot per query, so dV[j, i] != 0 exactly where query i keeps text key j (dprefix_v[c, i]: prefix slot c)."""
+    device = device_of(backend)
+    H, T, P, D, p = 2, 21, 5, 32, 0.3
+    q = torch.zeros(1, H, T, D, device=device)
+    k, pk = torch.randn(1, H, T, D, device=device), torch.randn(H, P, D, device=device)
+    v = torch.randn(1, H, T, D, device=device).requires_grad_()
+    pv = torch.randn(H, P, D, device=device).requires_grad_()
+    out = prefix_attn.prefix_attention(q, k, v, pk, pv, causal=False, dropout_p=p, dropout_seed=SEED, backend=backend)
+    dout = torch.eye(D, device=device)[:T].expand(1, H, T, D)
+    dv, dpv = torch.autograd.grad(out, (v, pv), dout)
+    want = prefix_attn.dropout_mask(1, H, T, P, T, p, SEED)[0]  # [H, Tq, P + Tk]
+    assert torch.equal((dv[0, :, :, :T] != 0).cpu(), want[:, :, P:].transpose(1, 2))
+    assert torch.equal((dpv[:, :, :T] != 0).cpu(), want[:, :, :P].transpose(1, 2))

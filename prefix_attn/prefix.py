@@ -201,7 +201,7 @@ class PrefixTuning(nn.Module):
         if isinstance(modules, nn.Module):
             from .integrations.hf_model import attention_modules  # noqa: PLC0415 - needs transformers
 
-            modules = sorted(attention_modules(modules), key=lambda m: m.layer_idx)
+            modules = attention_modules(modules)
         modules = list(modules)
         if len(modules) != self.num_layers:
             raise ValueError(f"a hidden-state prefix of {self.num_layers} layers cannot bind {len(modules)} "

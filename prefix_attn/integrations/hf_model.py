@@ -122,7 +122,7 @@ class _Binding:
 
     def begin_forward(self) -> None:
         if self.depth == 0:
-            kv = self.prefix.key_value(self.attention_modules_by_layer)
+            kv = self.prefix.key_value(self.attention_modules)
             self.kv_after = None
             if kv.grad_fn is not None and not torch.compiler.is_compiling():
                 kv = _HoldForBackward.apply(kv)
@@ -157,7 +157,7 @@ class _Binding:
         attention layer called on its own, or recomputed by activation checkpointing after the forward)."""
         kv = self.kv if self.kv is not None else self._kv_of_graph()
         if kv is None:
-            kv = self.prefix.key_value(self.attention_modules_by_layer)
+            kv = self.prefix.key_value(self.attention_modules)
         kv = kv[layer_idx]
         return kv[0], kv[1]
 
@@ -304,6 +304,7 @@ def _position_rule(runner) -> bool:
 
 
 def attention_modules(model) -> list:
+    """The model's self-attention modules (those with an int ``layer_idx``), in layer order."""
     mods = []
     for name, m in model.named_modules():
         if not type(m).__name__.endswith("Attention") or not isinstance(getattr(m, "layer_idx", None), int):
@@ -311,7 +312,7 @@ def attention_modules(model) -> list:
         if getattr(m, "is_cross_attention", False):
             raise NotImplementedError(f"{name}: cross-attention layers are not supported by prefix_attn")
         mods.append(m)
-    return mods
+    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def _kv_out_features(module) -> Optional[int]:
@@ -402,10 +403,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
             raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
                              f"prefix has {PrefixShape.describe(prefix.shape)}")
 
-    by_layer = sorted(modules, key=lambda m: m.layer_idx)
     for m in prefix.modules():  # hidden-state prefixes read this model's frozen key/value projections
         if isinstance(m, PrefixTuning) and m.parameterization == "hidden":
-            m.bind(by_layer)
+            m.bind(modules)
     runner = _runner(model, modules)
     mask_positions = _position_rule(runner)
     hf.register()
@@ -429,8 +429,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     model.add_module(SUBMODULE, prefix)
     for m in modules:
         m._prefix_attn_binding = binding
-    binding.attention_modules = modules
-    binding.attention_modules_by_layer = by_layer  # what a hidden-state prefix projects through, in this model
+    binding.attention_modules = modules  # in layer order: what a hidden-state prefix projects through
     hooks = _DecoderHooks(binding, mask_positions)
     calls = _CallHooks(binding)
     binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),

@@ -46,7 +46,8 @@ def _has_kv_proj(module) -> bool:
     return all(hasattr(getattr(module, name, None), "weight") for name in ("k_proj", "v_proj"))
 
 
-def _weight(layer, rows):
+def _weight(layer, rows, columns=slice(None)):
+    """The layer's weight (those columns of it), detached, on the device and in the dtype of ``rows``."""
     w = layer.weight
     if type(w).__name__ == "DTensor" or w.is_meta or not w.dtype.is_floating_point:
         kind = "sharded (DTensor)" if type(w).__name__ == "DTensor" else ("on the meta device" if w.is_meta
@@ -54,34 +55,30 @@ def _weight(layer, rows):
         raise NotImplementedError(f"a hidden-state prefix reads the key/value projection weights directly; they are "
                                   f"{kind} here. materialize() the prefix on an unsharded model, or use a direct "
                                   f"prefix")
-    return w.detach()
+    return w.detach()[:, columns].to(device=rows.device, dtype=rows.dtype)
 
 
-def _bias(layer, dtype):
+def _bias(layer, rows):
+    """The layer's bias (None if it has none), detached, on the device and in the dtype of ``rows``."""
     b = getattr(layer, "bias", None)
-    return None if b is None else b.detach().to(dtype)
+    return None if b is None else b.detach().to(device=rows.device, dtype=rows.dtype)
 
 
 def project_kv(module, rows: torch.Tensor, num_kv_heads: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """rows ``[P, hidden_size]`` -> (keys, values) ``[num_kv_heads, P, head_dim]`` through ``module``'s frozen
     projections, computed in the dtype of ``rows``, on its device."""
     P = rows.shape[0]
-    dtype = rows.dtype
     if _is_gpt2(module):
         E = module.embed_dim
-        w = _weight(module.c_attn, rows)[:, E:3 * E].to(device=rows.device, dtype=dtype)  # Conv1D: [in, 3 * E]
-        b = _bias(module.c_attn, dtype)
+        w = _weight(module.c_attn, rows, slice(E, 3 * E))  # Conv1D [in, 3 * E]: query | key | value
+        b = _bias(module.c_attn, rows)
         k = rows @ w[:, :E]
         v = rows @ w[:, E:]
         if b is not None:
-            b = b.to(rows.device)
             k, v = k + b[E:2 * E], v + b[2 * E:3 * E]
     elif _has_kv_proj(module):
-        kp, vp = module.k_proj, module.v_proj
-        k = F.linear(rows, _weight(kp, rows).to(device=rows.device, dtype=dtype),
-                     None if kp.bias is None else _bias(kp, dtype).to(rows.device))
-        v = F.linear(rows, _weight(vp, rows).to(device=rows.device, dtype=dtype),
-                     None if vp.bias is None else _bias(vp, dtype).to(rows.device))
+        k = F.linear(rows, _weight(module.k_proj, rows), _bias(module.k_proj, rows))
+        v = F.linear(rows, _weight(module.v_proj, rows), _bias(module.v_proj, rows))
     else:
         check_projectable(module)
         raise AssertionError("unreachable")

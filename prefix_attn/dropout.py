@@ -82,6 +82,13 @@ def seed_tensor(dropout_seed: Optional[int], device: torch.device) -> torch.Tens
     return torch.tensor(dropout_seed, dtype=torch.int64, device=device)
 
 
+def prepare(dropout_p, dropout_seed, device) -> Tuple[float, Optional[torch.Tensor]]:
+    """The ops' dropout arguments checked: (dropout_p as a float, the seed tensor or None when dropout_p is 0)."""
+    check_dropout(dropout_p, dropout_seed)
+    dropout_p = float(dropout_p)
+    return dropout_p, (seed_tensor(dropout_seed, device) if dropout_p > 0 else None)
+
+
 def keep_columns(seed: int, dropout_p: float, b, h, i, c) -> torch.Tensor:
     """The keep decision for broadcastable int64 index tensors b, h, i, c (see the module docstring)."""
     r = philox4x32(seed, c, i // 8, h, b)

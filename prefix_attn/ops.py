@@ -383,9 +383,7 @@ def prefix_attention(
     each entry's gradient over the rows that chose it, zero for entries no row chose), deterministically.
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths)
-    _dropout.check_dropout(dropout_p, dropout_seed)
-    dropout_p = float(dropout_p)
-    seed = _dropout.seed_tensor(dropout_seed, q.device) if dropout_p > 0 else None
+    dropout_p, seed = _dropout.prepare(dropout_p, dropout_seed, q.device)
     backend = _pick_backend(q, backend)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)

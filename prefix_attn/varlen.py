@@ -252,9 +252,7 @@ def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlen
                   prefix_lengths)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
         raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap!r}")
-    _dropout.check_dropout(dropout_p, dropout_seed)
-    dropout_p = float(dropout_p)
-    seed = _dropout.seed_tensor(dropout_seed, q.device) if dropout_p > 0 else None
+    dropout_p, seed = _dropout.prepare(dropout_p, dropout_seed, q.device)
     backend = ops._pick_backend(q, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if backend == "torch":

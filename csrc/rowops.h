@@ -83,7 +83,11 @@ PREFIX_ATTN_INLINE vf8 vf8_load(const float* p, int64_t count, float fill) {
   return v;
 }
 PREFIX_ATTN_INLINE void vf8_store(float* p, vf8 v, int64_t count) {
-  std::memcpy(p, &v, static_cast<size_t>(count < 8 ? count : 8) * sizeof(float));
+  if (count >= 8) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    std::memcpy(p, &v, static_cast<size_t>(count) * sizeof(float));
+  }
 }
 // lane-wise mask ? a : b (mask lanes all ones or all zeros, as comparisons give)
 PREFIX_ATTN_INLINE vf8 vf8_select(vi8 mask, vf8 a, vf8 b) {

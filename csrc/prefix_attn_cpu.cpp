@@ -92,7 +92,7 @@ namespace {
 // Backward: key blocks of kBwdBlockK against up to kBwdBlockQ query rows at a time.
 constexpr int64_t kFwdBlockQ = 64;
 constexpr int64_t kFwdBlockK = 512;
-constexpr int64_t kBwdBlockQ = 256;
+constexpr int64_t kBwdBlockQ = 512;
 constexpr int64_t kBwdBlockK = 64;
 
 std::string shape_str(const at::Tensor& t) {

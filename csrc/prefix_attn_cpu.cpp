@@ -500,9 +500,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
         };
 
         if (do_prefix) {  // this row's entry and its visible slots; the partial's other slots stay zero
+          // equal blocks of at most block_k slots (P = 200: 4 x 50, not 3 x 64 + 8)
           const int64_t e = bank.entry(b), np = bank.slots(b);
-          for (int64_t p0 = 0; p0 < np; p0 += block_k) {
-            const int64_t n = std::min(block_k, np - p0);
+          const int64_t nblocks = (np + block_k - 1) / block_k;
+          const int64_t pb = nblocks > 0 ? (np + nblocks - 1) / nblocks : 1;
+          for (int64_t p0 = 0; p0 < np; p0 += pb) {
+            const int64_t n = std::min(pb, np - p0);
             for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
               block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
                     dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n, p0);

@@ -45,7 +45,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cpu_model, make_inputs, round_ratios, side_by_side, write_json  # noqa: E402
+from common import cpu_model, git_commit, make_inputs, round_ratios, side_by_side, write_json  # noqa: E402
 
 from prefix_attn import prefix_attention, prefix_attention_reference  # noqa: E402
 from prefix_attn.demo import expand_concat_sdpa  # noqa: E402
@@ -201,6 +201,7 @@ def main() -> None:
             "python": platform.python_version(), "kernel": cpu_backend.source(),
             "gemm": cpu_backend._load()[0].gemm_backend(), "dtype": args.dtype, "pass": "forward + backward",
             "load_average_at_start": os.getloadavg(), "command": "python " + " ".join(sys.argv),
+            "git_commit": git_commit(),
             "mm_gflops": mm_rate()}
     print(f"{meta['cpu']}, {threads} threads, torch {meta['torch']}, {args.dtype} forward + backward, "
           f"{rounds} rounds side by side; torch.mm 512x512 float32: {meta['mm_gflops']:.1f} GFLOP/s")
@@ -232,7 +233,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "bench_cpu.json"), {"meta": meta, "rows": rows}, indent=2)
     lines = [f"# CPU kernel vs expand + concat + SDPA (`{meta['command']}`)", "",
-             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, "
+             f"{meta['date']}, commit {meta['git_commit']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, "
              f"torch {meta['torch']}, float32 forward + backward, median of {rounds} side-by-side rounds; "
              f"ratio = median of per-round sdpa / cpu; peak = resident-memory high-water mark above the "
              f"inputs ({rows[0]['memory_method']}); load average at start "

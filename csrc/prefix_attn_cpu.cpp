@@ -23,10 +23,10 @@
 // dQ of its query heads and one [P, head_dim] partial of the prefix gradients, which are then summed over
 // the batch in batch order. Every sum runs in a fixed order: the gradients are bitwise reproducible.
 //
-// Tile products go to the BLAS inside libtorch_cpu (MKL in the x86 wheels; see gemm() below), the
-// per-score-element softmax work is in rowops.h. float16/bfloat16 inputs are converted to float32 once
-// (explicit copies of q, k, v, the prefix and, in backward, dout and out), computed in float32 and the
-// results converted back; float64 runs in float64 (for gradcheck).
+// Tile products go to the BLAS inside libtorch_cpu (MKL in the x86 wheels; gemm.h), the per-score-element
+// softmax work is in rowops.h. float16/bfloat16 inputs are computed in float32: each thread converts the rows
+// its tasks read into small float buffers and accumulates its gradient rows in float (stage.h), so no whole
+// float32 copy of an input or output is made; float64 runs in float64 (for gradcheck).
 //
 // Attention dropout (dropout_p > 0): each score tile's keep mask is regenerated from (seed, b, h, i, c) by
 // Philox (rowops.h, the mask of prefix_attn/dropout.py) in forward and backward; nothing is stored.
@@ -35,10 +35,6 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__linux__) || defined(__APPLE__)
-#include <dlfcn.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -46,7 +42,9 @@
 #include <string>
 #include <vector>
 
+#include "gemm.h"
 #include "rowops.h"
+#include "stage.h"
 
 namespace prefix_attn {
 
@@ -83,6 +81,37 @@ PREFIX_ATTN_CLONES void dropout_tile(float* z, int64_t rows, int64_t n, const Dr
 void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
                   int64_t col0, uint32_t* rnd, bool multiply) {
   dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
+}
+
+// ---- 16-bit <-> float rows (declared in stage.h) ----
+
+PREFIX_ATTN_CLONES void to_float(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst,
+                                 int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {  // bfloat16 is the high half of a float: a shift, exact
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src + r * ld_src);
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst + r * ld_dst);
+#pragma omp simd
+    for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<uint32_t>(s[c]) << 16;
+  }
+}
+PREFIX_ATTN_CLONES void to_float(const c10::Half* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst,
+                                 int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::Half* s = src + r * ld_src;
+    float* o = dst + r * ld_dst;
+    for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<float>(s[c]);
+  }
+}
+// round to nearest even, as Tensor.to()
+void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::BFloat16* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < dim; ++c) dst[r * ld_dst + c] = c10::BFloat16(src[r * ld_src + c]);
+  }
+}
+void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::Half* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < dim; ++c) dst[r * ld_dst + c] = c10::Half(src[r * ld_src + c]);
+  }
 }
 
 namespace {
@@ -213,11 +242,23 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Convert to the compute dtype (a copy only for float16/bfloat16) and make rows unit-stride and
-// non-overlapping; other strides (e.g. a [B, T, H, D] tensor viewed as [B, H, T, D]) are kept and handed to
-// BLAS as leading dimensions, without a copy.
-at::Tensor prep(const at::Tensor& t, at::ScalarType cdt) {
-  at::Tensor x = t.scalar_type() == cdt ? t : t.to(cdt);
+// Run fn(compute, input) with default-constructed values of the compute type (float or double) and of the
+// inputs' type: float32 and float64 compute in themselves, bfloat16 and float16 in float.
+template <typename Fn>
+void dispatch(at::ScalarType st, Fn&& fn) {
+  switch (st) {
+    case at::kDouble: fn(double(), double()); break;
+    case at::kFloat: fn(float(), float()); break;
+    case at::kBFloat16: fn(float(), c10::BFloat16()); break;
+    case at::kHalf: fn(float(), c10::Half()); break;
+    default: TORCH_CHECK(false, "prefix_attn cpu: unsupported dtype ", st);
+  }
+}
+
+// Make rows unit-stride and non-overlapping; other strides (e.g. a [B, T, H, D] tensor viewed as
+// [B, H, T, D]) are kept and handed to BLAS as leading dimensions, without a copy.
+at::Tensor prep(const at::Tensor& t) {
+  at::Tensor x = t;
   const bool rows_ok = x.size(-1) <= 1 || x.stride(-1) == 1;
   const bool ld_ok = x.size(-2) <= 1 || x.stride(-2) >= x.size(-1);
   if (!rows_ok || !ld_ok) x = x.contiguous();
@@ -261,102 +302,10 @@ MaskInfo make_mask_info(const c10::optional<at::Tensor>& attention_mask, const D
   return info;
 }
 
-// ---- matrix products on tiles ----
-//
-// Row-major C[M, N] = alpha * op(A) op(B) + beta * C with leading dimensions, through the Fortran BLAS that
-// torch itself links (MKL's sgemm_/dgemm_ in the x86 wheels), looked up at run time in libtorch_cpu. A tile
-// product is then a plain call, without the few microseconds of tensor bookkeeping an at::mm costs per
-// call (measured: ~40% of the kernel time at these tile sizes). Where torch exports no BLAS symbol, the
-// same products run through at::mm_out / addmm_ on tensor views of the tiles.
-
-using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                          const int*, const float*, const int*, const float*, float*, const int*);
-using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
-                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
-
-struct Blas {
-  sgemm_fn sgemm = nullptr;
-  dgemm_fn dgemm = nullptr;
-  bool use = false;
-};
-
-Blas find_blas() {
-  Blas blas;
-#if defined(__linux__) || defined(__APPLE__)
-#if defined(__APPLE__)
-  const char* lib = "libtorch_cpu.dylib";
-#else
-  const char* lib = "libtorch_cpu.so";
-#endif
-  void* handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);  // already loaded by `import torch`
-  if (handle != nullptr) {
-    blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(handle, "sgemm_"));
-    blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(handle, "dgemm_"));
-  }
-#endif
-  blas.use = blas.sgemm != nullptr && blas.dgemm != nullptr;
-  return blas;
-}
-
-Blas& blas() {
-  static Blas b = find_blas();
-  return b;
-}
-
-template <typename T>
-at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor t = trans ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, opts).t()
-                       : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
-  return t;
-}
-
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const Blas& bl = blas();
-  if (bl.use && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX &&
-      ldc < INT32_MAX) {
-    // column-major BLAS computes C^T = op(B)^T op(A)^T on the same memory
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(std::max<int64_t>(lda, 1)), lb = static_cast<int>(std::max<int64_t>(ldb, 1));
-    const int lc = static_cast<int>(std::max<int64_t>(ldc, 1));
-    if constexpr (std::is_same<T, float>::value) {
-      bl.sgemm(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    } else {
-      bl.dgemm(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    }
-    return;
-  }
-  at::Tensor a = tile_view(A, M, K, lda, trans_a), b = tile_view(B, K, N, ldb, trans_b);
-  at::Tensor c = tile_view(C, M, N, ldc, false);
-  if (beta == T(0)) {
-    at::mm_out(c, a, b);
-    if (alpha != T(1)) c.mul_(alpha);
-  } else {
-    c.addmm_(a, b, beta, alpha);
-  }
-}
-
-// A [rows, head_dim] matrix inside a 4-d [B, H, T, D] (or 3-d [H, T, D]) tensor, rows unit-stride.
-template <typename T>
-struct Rows4 {
-  const T* base;
-  int64_t sb, sh, st;
-  explicit Rows4(const at::Tensor& t)
-      : base(t.data_ptr<T>()),
-        sb(t.dim() == 4 ? t.stride(0) : 0),
-        sh(t.stride(t.dim() - 3)),
-        st(t.size(-2) > 1 ? t.stride(-2) : t.size(-1)) {}
-  const T* at(int64_t b, int64_t h, int64_t row) const { return base + b * sb + h * sh + row * st; }
-  T* mut(int64_t b, int64_t h, int64_t row) const { return const_cast<T*>(at(b, h, row)); }
-};
-
 // ---- forward ----
 
-template <typename T>
+// T: compute type (float or double); TI: the inputs' and out's type (T, or a 16-bit type computed in float)
+template <typename T, typename TI>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
                             const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Dropout& drop,
                             const Dims& d, bool causal, double scale, double softcap, at::Tensor& out, at::Tensor& lse,
@@ -364,8 +313,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
-  const Rows4<T> Q(q), K(k), V(v), PK(pk), PV(pv);
-  T* out_ptr = out.data_ptr<T>();  // contiguous [B, Hq, Tq, D]
+  const Rows4<TI> Q(q), K(k), V(v), PK(pk), PV(pv);
+  TI* out_ptr = out.data_ptr<TI>();  // contiguous [B, Hq, Tq, D]
   T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
   const T sc = static_cast<T>(scale);
@@ -375,6 +324,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), acc(block_q * D), m(block_q), l(block_q);
     std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);  // dropout scratch
+    RowSource<T, TI> qs(Q, d.len_q, D), ks(K, d.len_k, D), vs(V, d.len_k, D), pks(PK, d.num_prefix, D),
+        pvs(PV, d.num_prefix, D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb;
       const int64_t hq = (task / nqb) % d.heads_q;
@@ -382,7 +333,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t hkv = hq / d.group;
       const int64_t q0 = qb * block_q;
       const int64_t bq = std::min(block_q, d.len_q - q0);
-      const T* q_tile = Q.at(b, hq, q0);
+      int64_t ldq, ldk, ldv;
+      const T* q_tile = qs.rows(b, hq, q0, q0 + bq, &ldq);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
@@ -392,7 +344,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, int64_t n, const T* col_bias,
                        int64_t lim0, int64_t col0) {
         T* S = s_buf.data();
-        gemm<T>(false, true, bq, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
+        gemm<T>(false, true, bq, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
         if (cap > T(0)) softcap_tile<T>(S, bq * n, sc, cap, nullptr);
         fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
         if (drop.on) dropout_tile(S, bq, n, drop, b, hq, q0, col0, rnd.data(), /*multiply=*/true);
@@ -402,7 +354,9 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t e = bank.entry(b), np = bank.slots(b);
       for (int64_t p0 = 0; p0 < np; p0 += block_k) {
         const int64_t n = std::min(block_k, np - p0);
-        block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, n, nullptr, n, p0);
+        const T* k_tile = pks.rows(e, hkv, p0, p0 + n, &ldk);
+        const T* v_tile = pvs.rows(e, hkv, p0, p0 + n, &ldv);
+        block(k_tile, ldk, v_tile, ldv, n, nullptr, n, p0);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
       const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
@@ -410,20 +364,22 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         const int64_t n = std::min(block_k, k_end - k0);
         if (mask.present && mask.block_empty(b, k0, n)) continue;
         const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
-        block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, n,
+        const T* k_tile = ks.rows(b, hkv, k0, k0 + n, &ldk);
+        const T* v_tile = vs.rows(b, hkv, k0, k0 + n, &ldv);
+        block(k_tile, ldk, v_tile, ldv, n,
               mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0, d.num_prefix + k0);
       }
 
       const int64_t row0 = (b * d.heads_q + hq) * d.len_q + q0;
       for (int64_t r = 0; r < bq; ++r) {
-        T* o = out_ptr + (row0 + r) * D;
+        TI* o = out_ptr + (row0 + r) * D;
         const T* a = acc.data() + r * D;
         if (l[r] > T(0)) {
           const T inv = T(1) / l[r];
-          for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv;
+          for (int64_t c = 0; c < D; ++c) o[c] = static_cast<TI>(a[c] * inv);
           lse_ptr[row0 + r] = m[r] + std::log(l[r]);
         } else {  // sees no key at all: zero output, lse = +inf makes backward's exp(s - lse) vanish
-          for (int64_t c = 0; c < D; ++c) o[c] = T(0);
+          for (int64_t c = 0; c < D; ++c) o[c] = static_cast<TI>(T(0));
           lse_ptr[row0 + r] = std::numeric_limits<T>::infinity();
         }
       }
@@ -433,7 +389,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 
 // ---- backward ----
 
-template <typename T>
+template <typename T, typename TI>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
                             const MaskInfo& mask, const Bank& bank, const Dropout& drop, const Dims& d, bool causal,
@@ -442,11 +398,12 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
                             at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
   const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
-  const Rows4<T> Q(q), K(k), V(v), PK(pk), PV(pv), dO(dout), O(out);
-  // outputs: contiguous, zero-filled, each element owned by exactly one task
-  T* dq_ptr = need_dq ? dq.data_ptr<T>() : nullptr;                                      // [B, Hq, Tq, D]
-  T* dk_ptr = need_dkv ? dk.data_ptr<T>() : nullptr;                                     // [B, Hkv, Tk, D]
-  T* dv_ptr = need_dkv ? dv.data_ptr<T>() : nullptr;
+  const Rows4<TI> Q(q), K(k), V(v), PK(pk), PV(pv), dO(dout), O(out);
+  // outputs: contiguous, each element owned by exactly one task (zero-filled when TI == T, see RowSink)
+  TI* dq_ptr = need_dq ? dq.data_ptr<TI>() : nullptr;                                    // [B, Hq, Tq, D]
+  TI* dk_ptr = need_dkv ? dk.data_ptr<TI>() : nullptr;                                   // [B, Hkv, Tk, D]
+  TI* dv_ptr = need_dkv ? dv.data_ptr<TI>() : nullptr;
+  // prefix-gradient partials: T, zero-filled
   T* dpk_ptr = need_dprefix && d.num_prefix > 0 ? dpk_part.data_ptr<T>() : nullptr;      // [B, Hkv, P, D]
   T* dpv_ptr = need_dprefix && d.num_prefix > 0 ? dpv_part.data_ptr<T>() : nullptr;
   const T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
@@ -462,18 +419,33 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
     std::vector<T> cap_grad(cap > T(0) ? block_q * block_k : 0);  // 1 - tanh^2 of the capped scores
     std::vector<T> z_buf(drop.on ? block_q * block_k : 0);         // dropout: 0 or 1 / (1 - p) per score
     std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);
+    RowSource<T, TI> qs(Q, d.len_q, D), dos(dO, d.len_q, D), os(O, d.len_q, D), ks(K, d.len_k, D),
+        vs(V, d.len_k, D), pks(PK, d.num_prefix, D), pvs(PV, d.num_prefix, D);
+    RowSink<T, TI> dq_sink(d.len_q, D), dk_sink(d.len_k, D), dv_sink(d.len_k, D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
-      T* dk_bh = dk_ptr ? dk_ptr + (b * d.heads_kv + hkv) * d.len_k * D : nullptr;
-      T* dv_bh = dv_ptr ? dv_ptr + (b * d.heads_kv + hkv) * d.len_k * D : nullptr;
+      T* dk_bh = dk_ptr ? dk_sink.begin(dk_ptr + (b * d.heads_kv + hkv) * d.len_k * D, d.len_k) : nullptr;
+      T* dv_bh = dv_ptr ? dv_sink.begin(dv_ptr + (b * d.heads_kv + hkv) * d.len_k * D, d.len_k) : nullptr;
       T* dpk_bh = dpk_ptr ? dpk_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
       T* dpv_bh = dpv_ptr ? dpv_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
+      // this row's prefix entry and its visible slots, and the text keys from the first visible one
+      const int64_t e = bank.entry(b), np = bank.slots(b);
+      const int64_t k_begin = mask.present ? mask.first[b] : 0;
+      int64_t ldpk = 0, ldpv = 0, ldk = 0, ldv = 0;
+      const T* pk_rows = do_prefix ? pks.rows(e, hkv, 0, np, &ldpk) : nullptr;  // row p at pk_rows + p * ldpk
+      const T* pv_rows = do_prefix ? pvs.rows(e, hkv, 0, np, &ldpv) : nullptr;
+      const T* k_rows = do_text ? ks.rows(b, hkv, k_begin, d.len_k, &ldk) - k_begin * ldk : nullptr;  // row j at
+      const T* v_rows = do_text ? vs.rows(b, hkv, k_begin, d.len_k, &ldv) - k_begin * ldv : nullptr;  // + j * ld
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t hq = hkv * d.group + g;
-        row_dots(dO.at(b, hq, 0), dO.st, O.at(b, hq, 0), O.st, d.len_q, D, delta.data());
+        int64_t ldq, lddo, ldo;
+        const T* q_h = qs.rows(b, hq, 0, d.len_q, &ldq);
+        const T* do_h = dos.rows(b, hq, 0, d.len_q, &lddo);
+        const T* o_h = os.rows(b, hq, 0, d.len_q, &ldo);
+        row_dots(do_h, lddo, o_h, ldo, d.len_q, D, delta.data());
         const T* lse_h = lse_ptr + (b * d.heads_q + hq) * d.len_q;
-        T* dq_h = dq_ptr ? dq_ptr + (b * d.heads_q + hq) * d.len_q * D : nullptr;
+        T* dq_h = dq_ptr ? dq_sink.begin(dq_ptr + (b * d.heads_q + hq) * d.len_q * D, d.len_q) : nullptr;
 
         // Key block [n keys] x query rows [r0, r0 + m): P and dS from the recomputed scores, then the three
         // gradient products. Key-block-outer order makes every product long in its inner dimension: dK and
@@ -483,10 +455,10 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
                          int64_t n, const T* col_bias, int64_t r0, int64_t m, int64_t lim0, int64_t col0) {
           T* S = s_buf.data();
           T* dS = dp_buf.data();
-          const T* q_tile = Q.at(b, hq, r0);
-          const T* do_tile = dO.at(b, hq, r0);
-          gemm<T>(false, true, m, n, D, T(1), q_tile, Q.st, k_tile, ldk, T(0), S, n);
-          gemm<T>(false, true, m, n, D, T(1), do_tile, dO.st, v_tile, ldv, T(0), dS, n);
+          const T* q_tile = q_h + r0 * ldq;
+          const T* do_tile = do_h + r0 * lddo;
+          gemm<T>(false, true, m, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
+          gemm<T>(false, true, m, n, D, T(1), do_tile, lddo, v_tile, ldv, T(0), dS, n);
           if (cap > T(0)) softcap_tile<T>(S, m * n, sc, cap, cap_grad.data());
           if (drop.on) dropout_tile(z_buf.data(), m, n, drop, b, hq, r0, col0, rnd.data(), /*multiply=*/false);
           bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0, drop.on ? z_buf.data() : nullptr);
@@ -494,26 +466,24 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
             const T* g = cap_grad.data();
             for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];
           }
-          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, dO.st, T(1), dv_tile, D);
-          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, Q.st, T(1), dk_tile, D);
+          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, lddo, T(1), dv_tile, D);
+          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, ldq, T(1), dk_tile, D);
           if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * D, D);
         };
 
-        if (do_prefix) {  // this row's entry and its visible slots; the partial's other slots stay zero
+        if (do_prefix) {  // the partial's slots past np stay zero
           // equal blocks of at most block_k slots (P = 200: 4 x 50, not 3 x 64 + 8)
-          const int64_t e = bank.entry(b), np = bank.slots(b);
           const int64_t nblocks = (np + block_k - 1) / block_k;
           const int64_t pb = nblocks > 0 ? (np + nblocks - 1) / nblocks : 1;
           for (int64_t p0 = 0; p0 < np; p0 += pb) {
             const int64_t n = std::min(pb, np - p0);
             for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
-              block(PK.at(e, hkv, p0), PK.st, PV.at(e, hkv, p0), PV.st, dpk_bh ? dpk_bh + p0 * D : nullptr,
+              block(pk_rows + p0 * ldpk, ldpk, pv_rows + p0 * ldpv, ldpv, dpk_bh ? dpk_bh + p0 * D : nullptr,
                     dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n, p0);
             }
           }
         }
         if (do_text) {
-          const int64_t k_begin = mask.present ? mask.first[b] : 0;
           for (int64_t k0 = k_begin; k0 < d.len_k; k0 += block_k) {
             const int64_t n = std::min(block_k, d.len_k - k0);
             if (mask.present && mask.block_empty(b, k0, n)) continue;
@@ -521,13 +491,16 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
             const int64_t r_begin = causal ? std::max<int64_t>(0, k0 - offset) : 0;
             for (int64_t r0 = r_begin; r0 < d.len_q; r0 += block_q) {
               const int64_t m = std::min(block_q, d.len_q - r0);
-              block(K.at(b, hkv, k0), K.st, V.at(b, hkv, k0), V.st, dk_bh ? dk_bh + k0 * D : nullptr,
+              block(k_rows + k0 * ldk, ldk, v_rows + k0 * ldv, ldv, dk_bh ? dk_bh + k0 * D : nullptr,
                     dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, r0,
                     m, causal ? offset + r0 + 1 - k0 : n, d.num_prefix + k0);
             }
           }
         }
+        dq_sink.flush();
       }
+      dk_sink.flush();
+      dv_sink.flush();
     }
   });
 }
@@ -548,22 +521,19 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(softcap >= 0, "prefix_attn cpu: softcap must be >= 0, got ", softcap);
   const auto st = q.scalar_type();
   const auto cdt = compute_type(st);
-  at::Tensor qc = prep(q, cdt), kc = prep(k, cdt), vc = prep(v, cdt), pkc = prep(prefix_k, cdt),
-             pvc = prep(prefix_v, cdt);
+  at::Tensor qc = prep(q), kc = prep(k), vc = prep(v), pkc = prep(prefix_k), pvc = prep(prefix_v);
   const MaskInfo mask = make_mask_info(attention_mask, d, cdt);
-  auto opts = at::TensorOptions().dtype(cdt);
-  at::Tensor out = at::empty({d.batch, d.heads_q, d.len_q, d.head_dim}, opts);
-  at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, opts);
+  at::Tensor out = at::empty({d.batch, d.heads_q, d.len_q, d.head_dim}, q.options());
+  at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, at::TensorOptions().dtype(cdt));
   if (out.numel() > 0) {
-    if (cdt == at::kDouble) {
-      prefix_attn_fwd_kernel<double>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
-                                     lse, block_q, block_k);
-    } else {
-      prefix_attn_fwd_kernel<float>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
+    dispatch(st, [&](auto compute, auto input) {
+      using T = decltype(compute);
+      using TI = decltype(input);
+      prefix_attn_fwd_kernel<T, TI>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
                                     lse, block_q, block_k);
-    }
+    });
   }
-  return {out.scalar_type() == st ? out : out.to(st), lse};
+  return {out, lse};
 }
 
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -590,31 +560,37 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
               "prefix_attn cpu: dout, out and lse must be CPU tensors");
   const auto st = q.scalar_type();
   const auto cdt = compute_type(st);
-  at::Tensor qc = prep(q, cdt), kc = prep(k, cdt), vc = prep(v, cdt), pkc = prep(prefix_k, cdt),
-             pvc = prep(prefix_v, cdt), doc = prep(dout, cdt), oc = prep(out, cdt);
+  TORCH_CHECK(dout.scalar_type() == st && out.scalar_type() == st, "prefix_attn cpu: dout and out must have q's dtype ",
+              st, ", got ", dout.scalar_type(), " and ", out.scalar_type());
+  at::Tensor qc = prep(q), kc = prep(k), vc = prep(v), pkc = prep(prefix_k), pvc = prep(prefix_v), doc = prep(dout),
+             oc = prep(out);
   at::Tensor lsec = lse.to(cdt).contiguous();
   const MaskInfo mask = make_mask_info(attention_mask, d, cdt);
   auto opts = at::TensorOptions().dtype(cdt);
+  // dq/dk/dv in q's dtype. float32/float64 accumulate in place (zero-filled); 16-bit ones are written whole by
+  // the tasks' RowSinks whenever the kernel runs.
+  const bool written = st != cdt && q.numel() > 0;
+  auto grad = [&](std::initializer_list<int64_t> shape) {
+    return written ? at::empty(shape, q.options()) : at::zeros(shape, q.options());
+  };
   at::Tensor dq, dk, dv, dpk_part, dpv_part;
-  if (need_dq) dq = at::zeros({d.batch, d.heads_q, d.len_q, d.head_dim}, opts);
+  if (need_dq) dq = grad({d.batch, d.heads_q, d.len_q, d.head_dim});
   if (need_dkv) {
-    dk = at::zeros({d.batch, d.heads_kv, d.len_k, d.head_dim}, opts);
-    dv = at::zeros({d.batch, d.heads_kv, d.len_k, d.head_dim}, opts);
+    dk = grad({d.batch, d.heads_kv, d.len_k, d.head_dim});
+    dv = grad({d.batch, d.heads_kv, d.len_k, d.head_dim});
   }
   if (need_dprefix) {
     dpk_part = at::zeros({d.batch, d.heads_kv, d.num_prefix, d.head_dim}, opts);
     dpv_part = at::zeros({d.batch, d.heads_kv, d.num_prefix, d.head_dim}, opts);
   }
   if (q.numel() > 0 && (need_dq || need_dkv || need_dprefix)) {
-    if (cdt == at::kDouble) {
-      prefix_attn_bwd_kernel<double>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
-                                     softcap, need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
-                                     block_k);
-    } else {
-      prefix_attn_bwd_kernel<float>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
+    dispatch(st, [&](auto compute, auto input) {
+      using T = decltype(compute);
+      using TI = decltype(input);
+      prefix_attn_bwd_kernel<T, TI>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
                                     softcap, need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
                                     block_k);
-    }
+    });
   }
   at::Tensor dpk, dpv;
   if (need_dprefix && d.entries > 0) {

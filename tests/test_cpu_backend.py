@@ -182,6 +182,53 @@ def test_strided_inputs_and_shared_prefix(ext):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("blocks", [None, (8, 16)], ids=["default-blocks", "small-blocks"])
+@pytest.mark.parametrize("case", [GRID[4], GRID[12], BANK_GRID[2], DROPOUT_GRID[0],
+                                  Case(1, 1, 2, 40, 600, 520, 300, masked=True)], ids=str)
+def test_16bit_is_float32_rounded(ext, case, blocks, dtype):
+    """16-bit inputs are computed in float32 from per-thread float copies of the rows (stage.h): the outputs and
+    all five gradients equal, bitwise, the float32 kernel run on the upcast inputs and rounded to the dtype.
+    Small blocks make every task convert and extend its cached rows many times."""
+    from prefix_grid import dropout_seed_of, make_bank_args
+
+    q, k, v, pk, pv, mask, dout = make_inputs(case, dtype)
+    kw = dict(make_bank_args(case))
+    if case.dropout:
+        kw.update(dropout_p=case.dropout, dropout_seed=dropout_seed_of(0))
+    fkw, bkw = dict(kw), dict(kw)
+    if blocks is not None:
+        fkw.update(block_q=blocks[0], block_k=blocks[1])
+        bkw.update(block_q=blocks[0], block_k=blocks[1])
+    scale, cap = case.head_dim**-0.5, case.softcap
+    out16, lse16 = ext.fwd(q, k, v, pk, pv, mask, case.causal, scale, cap, **fkw)
+    as32 = [t.float() for t in (q, k, v, pk, pv)]
+    out32, lse32 = ext.fwd(*as32, mask, case.causal, scale, cap, **fkw)
+    assert out16.dtype == dtype and torch.equal(out16, out32.to(dtype)) and torch.equal(lse16, lse32)
+    g16 = ext.bwd(dout, q, k, v, pk, pv, mask, out16, lse16, case.causal, scale, cap, **bkw)
+    g32 = ext.bwd(dout.float(), *as32, mask, out16.float(), lse16, case.causal, scale, cap, **bkw)
+    for name, a, b in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], g16, g32):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
+
+
+def test_16bit_strided_inputs(ext):
+    """bfloat16 [B, T, H, D] views and a head-broadcast prefix: the same results as contiguous copies."""
+    B, H, T, P, D = 2, 4, 19, 5, 16
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).bfloat16().transpose(1, 2).requires_grad_() for _ in range(3))
+    pk = torch.randn(1, P, D, generator=g).bfloat16().expand(H, P, D).requires_grad_()
+    pv = torch.randn(H, P, D, generator=g).bfloat16().requires_grad_()
+    dout = torch.randn(B, H, T, D, generator=g).bfloat16()
+    leaves = [q, k, v, pk, pv]
+    prefix_attention(*leaves, backend="cpu").backward(dout)
+    copies = [t.detach().contiguous().requires_grad_() for t in leaves]
+    out = prefix_attention(*copies, backend="cpu")
+    out.backward(dout)
+    torch.testing.assert_close(prefix_attention(*leaves, backend="cpu"), out, rtol=0, atol=0)
+    for a, b in zip(leaves, copies):
+        torch.testing.assert_close(a.grad, b.grad.expand_as(a.grad) if a is pk else b.grad, rtol=0, atol=0)
+
+
 def test_lse_matches_reference(ext):
     case = GRID[6]
     q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)

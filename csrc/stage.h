@@ -1,0 +1,111 @@
+// Reading the inputs of the CPU kernel as the compute type, and writing its outputs.
+//
+// float32 and float64 inputs are read in place (Rows4). 16-bit inputs (bfloat16, float16) are computed in
+// float32: each thread converts the rows its tasks read into a float buffer on first use (RowSource) and
+// accumulates its gradient rows in float (RowSink), converting them once at the end. Nothing 16-bit is
+// ever copied whole to float32; the per-thread buffers hold at most a few [len, head_dim] matrices.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace prefix_attn {
+
+// A [rows, head_dim] matrix inside a 4-d [B, H, T, D] (or 3-d [H, T, D]) tensor, rows unit-stride.
+template <typename T>
+struct Rows4 {
+  const T* base;
+  int64_t sb, sh, st;
+  explicit Rows4(const at::Tensor& t)
+      : base(t.data_ptr<T>()),
+        sb(t.dim() == 4 ? t.stride(0) : 0),
+        sh(t.stride(t.dim() - 3)),
+        st(t.size(-2) > 1 ? t.stride(-2) : t.size(-1)) {}
+  const T* at(int64_t b, int64_t h, int64_t row) const { return base + b * sb + h * sh + row * st; }
+};
+
+// rows x dim values, rows strided by ld_src / ld_dst (multiversioned, defined in prefix_attn_cpu.cpp)
+void to_float(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst, int64_t ld_dst);
+void to_float(const c10::Half* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst, int64_t ld_dst);
+void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::BFloat16* dst, int64_t ld_dst);
+void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::Half* dst, int64_t ld_dst);
+
+// Rows of the [len, dim] matrices of one input, as T. TI == T: the input itself. Otherwise a per-thread float
+// copy: the rows asked for are converted once and kept while the same matrix is asked for again (the tasks of a
+// thread walk a head's rows in increasing order), so each row is converted about once per thread and head.
+template <typename T, typename TI>
+class RowSource {
+ public:
+  RowSource(const Rows4<TI>& rows, int64_t len, int64_t dim) : r_(rows), dim_(dim) {
+    if constexpr (!std::is_same<T, TI>::value) buf_.resize(static_cast<size_t>(len * dim));
+  }
+  // rows [row0, row_end) of matrix (b, h); *ld = the row stride of what is returned
+  const T* rows(int64_t b, int64_t h, int64_t row0, int64_t row_end, int64_t* ld) {
+    if constexpr (std::is_same<T, TI>::value) {
+      *ld = r_.st;
+      return r_.at(b, h, row0);
+    } else {
+      *ld = dim_;
+      const TI* key = r_.at(b, h, 0);
+      if (key != key_ || row0 > hi_ || row_end < lo_) {  // another matrix, or a range not touching the kept one
+        key_ = key;
+        lo_ = hi_ = row0;
+      }
+      if (row0 < lo_) {
+        to_float(r_.at(b, h, row0), r_.st, lo_ - row0, dim_, buf_.data() + row0 * dim_, dim_);
+        lo_ = row0;
+      }
+      if (row_end > hi_) {
+        to_float(r_.at(b, h, hi_), r_.st, row_end - hi_, dim_, buf_.data() + hi_ * dim_, dim_);
+        hi_ = row_end;
+      }
+      return buf_.data() + row0 * dim_;
+    }
+  }
+
+ private:
+  Rows4<TI> r_;
+  int64_t dim_;
+  std::vector<T> buf_;
+  const TI* key_ = nullptr;
+  int64_t lo_ = 0, hi_ = 0;  // rows [lo_, hi_) of key_ are in buf_
+};
+
+// A contiguous [rows, dim] block of a gradient output, accumulated in T. TI == T: in the output itself (which
+// the caller zero-fills). Otherwise in a zeroed per-thread float buffer, converted into the output by flush().
+template <typename T, typename TI>
+class RowSink {
+ public:
+  RowSink(int64_t max_rows, int64_t dim) : dim_(dim) {
+    if constexpr (!std::is_same<T, TI>::value) buf_.resize(static_cast<size_t>(max_rows * dim));
+  }
+  T* begin(TI* out, int64_t rows) {
+    if constexpr (std::is_same<T, TI>::value) {
+      return out;
+    } else {
+      out_ = out;
+      rows_ = rows;
+      std::fill(buf_.begin(), buf_.begin() + rows * dim_, T(0));
+      return buf_.data();
+    }
+  }
+  void flush() {
+    if constexpr (!std::is_same<T, TI>::value) {
+      if (out_ != nullptr) from_float(buf_.data(), dim_, rows_, dim_, out_, dim_);
+      out_ = nullptr;
+    }
+  }
+
+ private:
+  int64_t dim_;
+  std::vector<T> buf_;
+  TI* out_ = nullptr;
+  int64_t rows_ = 0;
+};
+
+}  // namespace prefix_attn

@@ -3,7 +3,8 @@
 // float32 and float64 inputs are read in place (Rows4). 16-bit inputs (bfloat16, float16) are computed in
 // float32: each thread converts the rows its tasks read into a float buffer on first use (RowSource) and
 // accumulates its gradient rows in float (RowSink), converting them once at the end. Nothing 16-bit is
-// ever copied whole to float32; the per-thread buffers hold at most a few [len, head_dim] matrices.
+// ever copied whole to float32; a thread's buffers hold at most 5 (forward) or 10 (backward) float
+// [len, head_dim] matrices, of which only the rows it touches take memory.
 #pragma once
 
 #include <torch/extension.h>
@@ -12,7 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
+#include <memory>
 
 namespace prefix_attn {
 
@@ -42,7 +43,9 @@ template <typename T, typename TI>
 class RowSource {
  public:
   RowSource(const Rows4<TI>& rows, int64_t len, int64_t dim) : r_(rows), dim_(dim) {
-    if constexpr (!std::is_same<T, TI>::value) buf_.resize(static_cast<size_t>(len * dim));
+    if constexpr (!std::is_same<T, TI>::value) {
+      buf_.reset(new T[static_cast<size_t>(std::max<int64_t>(len * dim, 1))]);
+    }
   }
   // rows [row0, row_end) of matrix (b, h); *ld = the row stride of what is returned
   const T* rows(int64_t b, int64_t h, int64_t row0, int64_t row_end, int64_t* ld) {
@@ -57,21 +60,21 @@ class RowSource {
         lo_ = hi_ = row0;
       }
       if (row0 < lo_) {
-        to_float(r_.at(b, h, row0), r_.st, lo_ - row0, dim_, buf_.data() + row0 * dim_, dim_);
+        to_float(r_.at(b, h, row0), r_.st, lo_ - row0, dim_, buf_.get() + row0 * dim_, dim_);
         lo_ = row0;
       }
       if (row_end > hi_) {
-        to_float(r_.at(b, h, hi_), r_.st, row_end - hi_, dim_, buf_.data() + hi_ * dim_, dim_);
+        to_float(r_.at(b, h, hi_), r_.st, row_end - hi_, dim_, buf_.get() + hi_ * dim_, dim_);
         hi_ = row_end;
       }
-      return buf_.data() + row0 * dim_;
+      return buf_.get() + row0 * dim_;
     }
   }
 
  private:
   Rows4<TI> r_;
   int64_t dim_;
-  std::vector<T> buf_;
+  std::unique_ptr<T[]> buf_;  // uninitialised: pages are committed as rows are written
   const TI* key_ = nullptr;
   int64_t lo_ = 0, hi_ = 0;  // rows [lo_, hi_) of key_ are in buf_
 };
@@ -82,7 +85,9 @@ template <typename T, typename TI>
 class RowSink {
  public:
   RowSink(int64_t max_rows, int64_t dim) : dim_(dim) {
-    if constexpr (!std::is_same<T, TI>::value) buf_.resize(static_cast<size_t>(max_rows * dim));
+    if constexpr (!std::is_same<T, TI>::value) {
+      buf_.reset(new T[static_cast<size_t>(std::max<int64_t>(max_rows * dim, 1))]);
+    }
   }
   T* begin(TI* out, int64_t rows) {
     if constexpr (std::is_same<T, TI>::value) {
@@ -90,20 +95,20 @@ class RowSink {
     } else {
       out_ = out;
       rows_ = rows;
-      std::fill(buf_.begin(), buf_.begin() + rows * dim_, T(0));
-      return buf_.data();
+      std::fill(buf_.get(), buf_.get() + rows * dim_, T(0));
+      return buf_.get();
     }
   }
   void flush() {
     if constexpr (!std::is_same<T, TI>::value) {
-      if (out_ != nullptr) from_float(buf_.data(), dim_, rows_, dim_, out_, dim_);
+      if (out_ != nullptr) from_float(buf_.get(), dim_, rows_, dim_, out_, dim_);
       out_ = nullptr;
     }
   }
 
  private:
   int64_t dim_;
-  std::vector<T> buf_;
+  std::unique_ptr<T[]> buf_;  // uninitialised: pages are committed as rows are written
   TI* out_ = nullptr;
   int64_t rows_ = 0;
 };

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu.py                 # the table of docs/cpu.md, results in benchmarks/results/
     python benchmarks/bench_cpu.py --quick         # fewer repetitions
-    python benchmarks/bench_cpu.py --dtype bfloat16   # both in bfloat16 (no memory columns)
+    python benchmarks/bench_cpu.py --dtype bfloat16   # both in bfloat16 (no memory columns; bench_cpu_bfloat16.*)
 
 Baseline ("sdpa"): the prefix is expanded over the batch and concatenated with the text K/V, then
 ``F.scaled_dot_product_attention(q, K, V, attn_mask=causal_lower_right(T, P + T))`` (PyTorch's fused CPU
@@ -228,29 +228,32 @@ def main() -> None:
               f"{100 * row['cpu_gflops'] / meta['mm_gflops']:4.0f}% {row['cpu_fwd_ms']:10.1f} | "
               f"{mib['sdpa']:>13} {mib['cpu']:>12}",
               flush=True)
-    if args.quick or low:
+    if args.quick:
         return
     os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "bench_cpu.json"), {"meta": meta, "rows": rows}, indent=2)
+    stem = "bench_cpu" if not low else f"bench_cpu_{args.dtype}"
+    write_json(os.path.join(args.out, f"{stem}.json"), {"meta": meta, "rows": rows}, indent=2)
+    memory = (f"peak = resident-memory high-water mark above the inputs ({rows[0]['memory_method']}); " if not low
+              else "")
     lines = [f"# CPU kernel vs expand + concat + SDPA (`{meta['command']}`)", "",
              f"{meta['date']}, commit {meta['git_commit']}, {meta['cpu']} ({meta['cores']} cores), {threads} threads, "
-             f"torch {meta['torch']}, float32 forward + backward, median of {rounds} side-by-side rounds; "
-             f"ratio = median of per-round sdpa / cpu; peak = resident-memory high-water mark above the "
-             f"inputs ({rows[0]['memory_method']}); load average at start "
+             f"torch {meta['torch']}, {args.dtype} forward + backward, median of {rounds} side-by-side rounds; "
+             f"ratio = median of per-round sdpa / cpu; {memory}load average at start "
              f"{meta['load_average_at_start'][0]:.2f}; torch.mm 512 x 512 float32 in the same run: "
-             f"{meta['mm_gflops']:.1f} GFLOP/s (% mm = cpu GFLOP/s over it).", "",
-             "| B | H | T | D | P | sdpa ms | cpu ms | ratio | cpu GFLOP/s | % mm | cpu fwd ms | sdpa peak MiB "
-             "| cpu peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['mm_gflops']:.1f} GFLOP/s (% mm = cpu GFLOP/s over it).", ""]
+    mem_head, mem_rule = (" sdpa peak MiB | cpu peak MiB |", "---|---|") if not low else ("", "")
+    lines += ["| B | H | T | D | P | sdpa ms | cpu ms | ratio | cpu GFLOP/s | % mm | cpu fwd ms |" + mem_head,
+              "|---|---|---|---|---|---|---|---|---|---|---|" + mem_rule]
     for r in rows:
+        mem_cells = (f" {r['peak_bytes']['sdpa'] / 2**20:.1f} | {r['peak_bytes']['cpu'] / 2**20:.1f} |" if not low
+                     else "")
         lines.append(f"| {r['batch']} | {r['heads']} | {r['len']} | {r['head_dim']} | {r['num_prefix']} | "
                      f"{r['median_s']['sdpa'] * 1e3:.1f} | {r['median_s']['cpu'] * 1e3:.1f} | "
                      f"{r['ratio_median']:.2f}x | {r['cpu_gflops']:.1f} | "
-                     f"{100 * r['cpu_gflops'] / meta['mm_gflops']:.0f}% | {r['cpu_fwd_ms']:.1f} | "
-                     f"{r['peak_bytes']['sdpa'] / 2**20:.1f} | {r['peak_bytes']['cpu'] / 2**20:.1f} |")
-    with open(os.path.join(args.out, "bench_cpu.md"), "w") as f:
+                     f"{100 * r['cpu_gflops'] / meta['mm_gflops']:.0f}% | {r['cpu_fwd_ms']:.1f} |" + mem_cells)
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}/bench_cpu.json and bench_cpu.md")
+    print(f"wrote {args.out}/{stem}.json and {stem}.md")
 
 
 if __name__ == "__main__":

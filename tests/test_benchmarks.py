@@ -245,3 +245,25 @@ def test_dropout_benchmark_quick_run(capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_benchmarks_run_on_a_tiny_shape(dtype):
+    """bench_cpu.py's correctness gate and side-by-side timing, and profile_cpu.py's phases, end to end."""
+    from prefix_attn import cpu as cpu_backend
+
+    if not cpu_backend.is_available()[0]:
+        pytest.skip("native CPU kernel unavailable")
+    bench_cpu, profile_cpu = _load("bench_cpu"), _load("profile_cpu")
+    cfg = (2, 2, 9, 16, 3)  # batch, heads, len, head_dim, P
+    old = bench_cpu.DTYPE
+    bench_cpu.DTYPE = dtype
+    try:
+        errs = bench_cpu.check(cfg)
+        timing = bench_cpu.time_pair(cfg, rounds=2, warmup=1)
+    finally:
+        bench_cpu.DTYPE = old
+    assert set(errs) == {"cpu", "sdpa"} and timing["ratio_median"] > 0
+    phases = profile_cpu.phases(cfg, dtype, rounds=1)
+    assert all(phases[k] > 0 for k in ("fwd", "bwd", "bwd dq", "bwd dkv", "bwd prefix"))
+    assert bench_cpu.mm_rate(n=64, repeats=3) > 0

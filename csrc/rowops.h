@@ -28,27 +28,35 @@
 namespace prefix_attn {
 
 // exp(x) in float, relative error ~2 ulp, exactly 0 for x < -87.3 (so -inf gives 0).
-// Cephes' polynomial after the usual 2^n range reduction; branch-free so that it vectorises.
-// Only ever called on x <= ~0 (scores minus their running max or their log-sum-exp).
-PREFIX_ATTN_INLINE float exp_approx(float x) {
-  const float lo = -87.33654f;
-  float xc = x < lo ? lo : x;
-  xc = xc > 88.0f ? 88.0f : xc;
-  float t = xc * 1.44269504088896341f;
-  float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
-  float f = xc - n * 0.693359375f;
+// Cephes' polynomial after the usual 2^n range reduction, branch-free. Only ever called on x <= ~0 (scores
+// minus their running max or their log-sum-exp).
+//
+// exp_core: for xc already clamped to [-87.34, 88], exp(xc) = y * 2^n; returns y and sets n (an integer value).
+// V is float or the 8-lane vf8 below: the same operations in the same order, so both give the same bits.
+template <typename V>
+PREFIX_ATTN_INLINE V exp_core(V xc, V& n) {
+  const V t = xc * 1.44269504088896341f;
+  n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  V f = xc - n * 0.693359375f;
   f = f - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * f + 1.3981999507e-3f;
+  V y = f * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * f + 8.3334519073e-3f;
   y = y * f + 4.1665795894e-2f;
   y = y * f + 1.6666665459e-1f;
   y = y * f + 5.0000001201e-1f;
-  y = y * f * f + f + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * f * f + f + 1.0f;
+}
+
+PREFIX_ATTN_INLINE float exp_approx(float x) {
+  const float lo = -87.33654f;
+  float xc = x < lo ? lo : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  float n;
+  const float y = exp_core(xc, n);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));
-  float r = y * pow2;
+  const float r = y * pow2;
   return x < lo ? 0.0f : r;
 }
 
@@ -103,22 +111,13 @@ PREFIX_ATTN_INLINE float vf8_hsum(vf8 v) {
 }
 PREFIX_ATTN_INLINE vf8 vf8_max(vf8 a, vf8 b) { return vf8_select(a > b, a, b); }
 
-// exp_approx on 8 lanes, the same operations in the same order
+// exp_approx on 8 lanes
 PREFIX_ATTN_INLINE vf8 exp8(vf8 x) {
-  const vf8 lo = vf8_set(-87.33654f), hi = vf8_set(88.0f), magic = vf8_set(12582912.0f);
+  const vf8 lo = vf8_set(-87.33654f), hi = vf8_set(88.0f);
   vf8 xc = vf8_select(x < lo, lo, x);
   xc = vf8_select(xc > hi, hi, xc);
-  const vf8 t = xc * 1.44269504088896341f;
-  const vf8 n = (t + magic) - magic;
-  vf8 f = xc - n * 0.693359375f;
-  f = f - n * -2.12194440e-4f;
-  vf8 y = vf8_set(1.9875691500e-4f);
-  y = y * f + 1.3981999507e-3f;
-  y = y * f + 8.3334519073e-3f;
-  y = y * f + 4.1665795894e-2f;
-  y = y * f + 1.6666665459e-1f;
-  y = y * f + 5.0000001201e-1f;
-  y = y * f * f + f + 1.0f;
+  vf8 n;
+  const vf8 y = exp_core(xc, n);
   const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
   const vf8 r = y * reinterpret_cast<vf8>(bits);
   return vf8_select(x < lo, vf8_set(0.0f), r);

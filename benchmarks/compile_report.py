@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton.jit decorates the kernels
 
@@ -54,7 +55,9 @@ def _cuobjdump() -> str:
     return path if os.path.exists(path) else "cuobjdump"
 
 
-def install_fake_driver(arch: int, rows: list) -> None:
+def install_fake_driver(arch: int, rows: list, compile_fn=None) -> None:
+    """Make Triton target sm_<arch> without a GPU. Launches compile (and report into rows) instead of running;
+    with compile_fn(fn, key, signature, device, constexprs, options, attrs, warmup) that replaces compiling."""
     class _Driver:
         def get_current_target(self):
             return GPUTarget("cuda", arch, 32)
@@ -70,6 +73,11 @@ def install_fake_driver(arch: int, rows: list) -> None:
 
     driver.set_active(_Driver())
     original = jit.JITFunction.run
+    if compile_fn is not None:
+        jit.JITFunction._do_compile = compile_fn
+        jit.JITFunction.run = lambda self, *args, grid, warmup, **kwargs: original(self, *args, grid=grid,
+                                                                                   warmup=True, **kwargs)
+        return
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
@@ -91,6 +99,34 @@ def install_fake_driver(arch: int, rows: list) -> None:
         return kernel
 
     jit.JITFunction.run = compile_only
+
+
+class VariantCounter:
+    """Counts the specialisations Triton would compile, without compiling: the binder runs as in a real launch
+    (same cache key), ``_do_compile`` is replaced by a stub that records the key and caches a placeholder.
+
+    ``variants[name]`` is the set of cache keys of a kernel; ``essential[name]`` the set of what a kernel must be
+    compiled for (its declared ``tl.constexpr`` values, pointer dtypes, warps and stages). More keys than essential
+    variants means Triton specialised on a runtime value (an integer ``== 1`` or ``% 16``)."""
+
+    def __init__(self, arch: int = 90):
+        self.variants: dict = {}
+        self.essential: dict = {}
+        install_fake_driver(arch, [], compile_fn=lambda fn, *args: self._compile(fn, *args))
+
+    def _compile(self, fn, key, signature, device, constexprs, options, attrs, warmup):
+        name = fn.__name__
+        declared = tuple((p.name, constexprs.get((p.num,))) for p in fn.params if p.is_constexpr)
+        pointers = tuple((n, t) for n, t in signature.items() if str(t).startswith("*"))
+        self.variants.setdefault(name, set()).add(str(key))
+        self.essential.setdefault(name, set()).add((declared, pointers, options.num_warps, options.num_stages))
+        placeholder = types.SimpleNamespace(metadata=None)
+        fn.device_caches[device][0][key] = placeholder
+        return placeholder
+
+    def summary(self) -> dict:
+        return {name: {"variants": len(keys), "essential": len(self.essential[name])}
+                for name, keys in sorted(self.variants.items())}
 
 
 def main(argv=None) -> int:

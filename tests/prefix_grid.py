@@ -97,6 +97,21 @@ DROPOUT_GRID = [
     Case(1, 2, 1, 5, 75, 40, 32, softcap=2.5, dropout=0.15),
 ]
 
+# Real sizes, run compiled on a GPU only (tests/test_triton.py, `pytest -m gpu`): GPT-2 and Llama-like heads, P up to
+# 200, decoding, GQA, ragged lengths, softcap, dropout and a bank.
+GPU_GRID = [
+    Case(4, 12, 1, 1024, 1024, 16, 64),
+    Case(4, 12, 1, 1024, 1024, 200, 64, masked=True),
+    Case(2, 8, 4, 1024, 1024, 77, 128),
+    Case(2, 4, 2, 129, 1024, 31, 128, masked=True),
+    Case(2, 4, 2, 1, 1000, 200, 128),
+    Case(1, 2, 3, 1023, 1023, 113, 96, causal=False),
+    Case(2, 4, 2, 777, 777, 64, 128, masked=True, softcap=2.0),
+    Case(2, 12, 1, 1, 1024, 200, 64, softcap=1.0),
+    Case(4, 12, 1, 1024, 1024, 200, 64, masked=True, dropout=0.1),
+    Case(2, 8, 4, 777, 1024, 77, 128, dropout=0.3, entries=3, lengths=True),
+]
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Floors, relative to max(1, |reference|): what rounding of the inputs alone can cost.
@@ -177,17 +192,26 @@ def reference_fn(compute_dtype: Optional[torch.dtype], softcap: float = 0.0, **b
     return fn
 
 
-def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
-    """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
-    q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+def case_args(case: Case, device="cpu", seed: int = 0) -> dict:
+    """The op's keyword arguments of a case besides the tensors: bank, dropout (same for op and references)."""
     bank = make_bank_args(case, device, seed)
     if case.dropout:  # passed to the op and to the references alike: the same keep mask everywhere
         bank = dict(bank, dropout_p=case.dropout, dropout_seed=dropout_seed_of(seed))
-    if case.softcap:
-        fn = functools.partial(fn, softcap=case.softcap)
-    if bank:
-        fn = functools.partial(fn, **bank)
-    out, grads = run_with_grads(fn, q, k, v, pk, pv, mask, dout, case.causal)
+    return bank
+
+
+def run_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """fn's (out, grads) on the case's inputs: the calls a test of the case makes of the op under test."""
+    q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+    extra = dict(case_args(case, device, seed), **({"softcap": case.softcap} if case.softcap else {}))
+    return run_with_grads(functools.partial(fn, **extra), q, k, v, pk, pv, mask, dout, case.causal)
+
+
+def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
+    """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
+    q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
+    bank = case_args(case, device, seed)
+    out, grads = run_case(fn, case, dtype, device, seed)
     as64 = [t.double() for t in (q, k, v, pk, pv, dout)]
     ref, ref_grads = run_with_grads(reference_fn(torch.float64, case.softcap, **bank), *as64[:5], mask, as64[5],
                                     case.causal)

@@ -11,6 +11,7 @@ import torch
 from prefix_grid import (
     BANK_GRID,
     DROPOUT_GRID,
+    GPU_GRID,
     SOFTCAP_GRID,
     Case,
     check_case,
@@ -153,18 +154,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(capped, args, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-GPU_GRID = [
-    Case(4, 12, 1, 1024, 1024, 16, 64),
-    Case(4, 12, 1, 1024, 1024, 200, 64, masked=True),
-    Case(2, 8, 4, 1024, 1024, 77, 128),
-    Case(2, 4, 2, 129, 1024, 31, 128, masked=True),
-    Case(2, 4, 2, 1, 1000, 200, 128),
-    Case(1, 2, 3, 1023, 1023, 113, 96, causal=False),
-    Case(2, 4, 2, 777, 777, 64, 128, masked=True, softcap=2.0),
-    Case(2, 12, 1, 1, 1024, 200, 64, softcap=1.0),
-    Case(4, 12, 1, 1024, 1024, 200, 64, masked=True, dropout=0.1),
-    Case(2, 8, 4, 777, 1024, 77, 128, dropout=0.3, entries=3, lengths=True),
-]
 
 
 @gpu

@@ -48,6 +48,14 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# Integer arguments that Triton must not specialise on (`== 1` -> constant, `% 16 == 0` -> alignment attribute):
+# shape integers, the padding mask's and the LSE's strides and the dropout threshold vary from call to call, and each
+# distinct pattern would compile the whole kernel again. With this list a kernel compiles once per dtype, head dim,
+# switch set and tile; the strides of Q/K/V/O/DO and the prefix stay specialised (16-byte alignment, unit stride of
+# the head dim: vector loads), and they are fixed by the head dim for the usual layouts.
+GENERIC_INTS = ("H", "HKV", "GROUP", "Tq", "Tk", "P", "N_START", "UNITS", "UNITS_PER_SPLIT", "SPLITS", "NUMEL",
+                "PER_ENTRY", "drop_thr", "stride_mb", "stride_mn", "stride_lb", "stride_lh")
+
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
@@ -235,7 +243,7 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_fwd_kernel(
     Q, K, V, PK, PV, MASK, IDS, LENS, CU_Q, CU_K, SEED, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -332,7 +340,7 @@ def _prefix_attn_fwd_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + q_row0 + offs_m, lse, mask=m_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .kernels import (
+    GENERIC_INTS,
     _causal_bounds,
     _dot,
     _dropout_keep,
@@ -72,7 +73,7 @@ def _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, SEED, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -152,7 +153,7 @@ def _prefix_attn_bwd_dkdv_kernel(
            HEAD_DIM, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_bwd_dprefix_kernel(
     Q, PK, PV, DO, LSE, DELTA, ROWS, ROW_START, ROW_COUNT, ENTRY, LENS, CU_Q, SEED, DPK, DPV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -179,7 +180,7 @@ def _prefix_attn_bwd_dprefix_kernel(
     hk = tl.program_id(1).to(tl.int64)
     u_entry = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
-    offs_n = N_START + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.multiple_of(N_START, 16) + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # pieces start at 16k
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < P
     seed = _load_seed(SEED, DROPOUT)
@@ -229,7 +230,7 @@ def _prefix_attn_bwd_dprefix_kernel(
     _store(DPV + out_base, offs_n, offs_d, HEAD_DIM, 1, dv, n_valid, HEAD_DIM, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, PER_ENTRY,
                                HAS_IDS: tl.constexpr, BLOCK: tl.constexpr):
     """DPK/DPV[i] = sum over s = 0, 1, ... of the float32 partials [SPLITS, NUMEL], cast to the output dtype:
@@ -272,7 +273,7 @@ def _bwd_q_step(dq, q, do, lse2, delta, k, v, visible, qk_scale, cap_in, cap_out
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_bwd_dq_kernel(
     Q, K, V, PK, PV, DO, LSE, DELTA, MASK, IDS, LENS, CU_Q, CU_K, SEED, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,

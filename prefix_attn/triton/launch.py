@@ -226,6 +226,13 @@ def _prefix_splits(units: int, programs_per_split: int, device: torch.device) ->
     return max(1, min(splits, units // MIN_UNITS_PER_SPLIT))
 
 
+def _dprefix_warps(cfg: tuning.Blocks, block_n: int) -> int:
+    """Warps of the prefix-gradient kernel: one warpgroup (4 warps) for a prefix tile of at most 64 rows. Eight
+    warps on a 64-row tile make both warpgroups compute the same S and dP (36 HGMMA per step where 20 are needed,
+    sm_90 compile report in benchmarks/TUNING.md)."""
+    return cfg.num_warps if block_n > 64 else min(cfg.num_warps, 4)
+
+
 def _prefix_pieces(num_prefix: int, block_max: int):
     """[(start, block_n, n_blocks)]: prefix tiles of max(16, next_pow2(P)) rows up to block_max, and a tail
     rounded up to 16 rows, split into power-of-two tiles (P = 200 with 64-row tiles: 3 x 64 + 1 x 16)."""
@@ -314,7 +321,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
                     *lay.s(q), *bank.strides(), *lay.s(dout), *lse_strides,
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
                     cap_in, cap_out, *drop.args(), units, per_split, splits,
-                    BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps if block_n > 32 else 4,
+                    BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=_dprefix_warps(cfg, block_n),
                     num_stages=cfg.num_stages, **bank.flags(), **flags, **seq,
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible

@@ -273,7 +273,10 @@ def triton_version() -> str:
 
 
 def git_commit() -> str:
-    """Short hash of the checkout's HEAD, "-dirty" when tracked files are modified; "unknown" outside git."""
+    """Short hash of the checkout's HEAD, "-dirty" when tracked files are modified; outside git the value of
+    PREFIX_ATTN_COMMIT (a copy of the tree on a GPU machine, benchmarks/gpu_check.sh), else "unknown"."""
+    if os.environ.get("PREFIX_ATTN_COMMIT"):
+        return os.environ["PREFIX_ATTN_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(

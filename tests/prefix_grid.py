@@ -207,8 +207,9 @@ def run_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: i
     return run_with_grads(functools.partial(fn, **extra), q, k, v, pk, pv, mask, dout, case.causal)
 
 
-def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
-    """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
+def case_errors(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> list:
+    """[(name, problem or None, error, bound)] for the output and the five gradients, in that order: fn against the
+    float64 reference under the 2x/3x rule; problem says what is wrong (missing, shape, dtype, non-finite, error)."""
     q, k, v, pk, pv, mask, dout = make_inputs(case, dtype, device, seed)
     bank = case_args(case, device, seed)
     out, grads = run_case(fn, case, dtype, device, seed)
@@ -217,16 +218,30 @@ def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed:
                                     case.causal)
     low, low_grads = run_with_grads(reference_fn(dtype, case.softcap, **bank), q, k, v, pk, pv, mask, dout,
                                     case.causal)
-    assert out.shape == ref.shape and out.dtype == dtype
+    rows = []
     for i, (name, got, want, plain) in enumerate(zip(NAMES, (out,) + grads, (ref,) + ref_grads,
                                                      (low,) + low_grads)):
-        assert got is not None, f"{name} missing"
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
-        assert torch.isfinite(got).all(), f"{name}: non-finite values"
-        err = (got.double() - want).abs().max().item() if want.numel() else 0.0
-        plain_err = (plain.double() - want).abs().max().item() if want.numel() else 0.0
-        scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
-        bound = (2.0 if i == 0 else 3.0) * plain_err + FLOOR[dtype] * scale
-        assert err <= bound, (f"{case} {dtype_id(dtype)} {name}: max error {err:.3e} > bound {bound:.3e} "
-                              f"(plain PyTorch error {plain_err:.3e})")
+        err = bound = float("nan")
+        if got is None:
+            problem = "missing"
+        elif got.shape != want.shape:
+            problem = f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+        elif got.dtype != dtype:
+            problem = f"dtype {got.dtype} != {dtype}"
+        elif not torch.isfinite(got).all():
+            problem = "non-finite values"
+        else:
+            err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+            plain_err = (plain.double() - want).abs().max().item() if want.numel() else 0.0
+            scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
+            bound = (2.0 if i == 0 else 3.0) * plain_err + FLOOR[dtype] * scale
+            problem = None if err <= bound else (f"max error {err:.3e} > bound {bound:.3e} "
+                                                 f"(plain PyTorch error {plain_err:.3e})")
+        rows.append((name, problem, err, bound))
+    return rows
+
+
+def check_case(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> None:
+    """Assert fn's output and all five gradients match the float64 reference under the 2x/3x rule."""
+    for name, problem, _, _ in case_errors(fn, case, dtype, device, seed):
+        assert problem is None, f"{case} {dtype_id(dtype)} {name}: {problem}"

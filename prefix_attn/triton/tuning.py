@@ -35,7 +35,7 @@ class Blocks(NamedTuple):
 
 
 _INTERPRETER_BLOCKS = Blocks(16, 16, 4, 1)
-_state = {"gpu_tiles": False}
+_state = {"gpu_tiles": False, "override": None}
 _cache: Dict[str, Blocks] = {}
 _cache_loaded = False
 _lock = threading.Lock()
@@ -50,6 +50,17 @@ def gpu_tiles(enabled: Optional[bool] = None) -> bool:
     if enabled is not None:
         _state["gpu_tiles"] = bool(enabled)
     return _state["gpu_tiles"]
+
+
+def override(transform: Optional[Callable[[str, Blocks], Blocks]]) -> None:
+    """Pass every tile choice through ``transform(kernel, blocks)`` (triage of a GPU failure: other tiles, stages,
+    warps, benchmarks/gpu_triage.py); ``None`` restores the normal choice."""
+    _state["override"] = transform
+
+
+def _overridden(kernel: str, cfg: Blocks) -> Blocks:
+    transform = _state["override"]
+    return cfg if transform is None else Blocks(*transform(kernel, cfg))
 
 
 def block_d(head_dim: int) -> int:
@@ -150,7 +161,7 @@ def config(kernel: str, dtype: torch.dtype, head_dim: int, dims: Tuple, device: 
            run: Optional[Callable[[Blocks], object]] = None) -> Blocks:
     """The tile configuration for one launch: tuned when PREFIX_ATTN_AUTOTUNE=1 on CUDA, else the table."""
     if run is None or device.type != "cuda" or os.environ.get("PREFIX_ATTN_AUTOTUNE", "0") != "1":
-        return default(kernel, dtype, head_dim)
+        return _overridden(kernel, default(kernel, dtype, head_dim))
     k = key(kernel, dtype, head_dim, dims, device)
     with _lock:
         _load_cache()

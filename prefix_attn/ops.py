@@ -47,6 +47,19 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def _autocast_inputs(q, k, v, prefix_k, prefix_v):
+    """Under ``torch.autocast`` on q's device type: q, k, v and the prefix cast to the autocast dtype (floating
+    tensors other than float64), as SDPA's inputs are, and True; else the tensors unchanged and False. Under
+    autocast RoPE promotes q and k to float32 while v stays 16-bit; the casts are differentiable, so every
+    gradient (the prefix's too) comes back in its input's own dtype."""
+    device_type = q.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return (q, k, v, prefix_k, prefix_v), False
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v, prefix_k, prefix_v)), True
+
+
 def _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0, prefix_ids=None,
                   prefix_lengths=None) -> None:
     """Raise TypeError/ValueError naming the argument and the expected shape (values of prefix_ids and
@@ -382,6 +395,14 @@ def prefix_attention(
     Gradients flow to all five tensors; the prefix gradients are summed over the batch rows (with a bank:
     each entry's gradient over the rows that chose it, zero for entries no row chose), deterministically.
     """
+    if isinstance(q, torch.Tensor):
+        (q, k, v, prefix_k, prefix_v), autocast = _autocast_inputs(q, k, v, prefix_k, prefix_v)
+        if autocast:  # the kernels run in the cast dtype; nothing inside is re-cast by autocast
+            with torch.autocast(q.device.type, enabled=False):
+                return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
+                                        attention_mask=attention_mask, softcap=softcap, prefix_ids=prefix_ids,
+                                        prefix_lengths=prefix_lengths, dropout_p=dropout_p,
+                                        dropout_seed=dropout_seed, backend=backend)
     _check_inputs(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths)
     dropout_p, seed = _dropout.prepare(dropout_p, dropout_seed, q.device)
     backend = _pick_backend(q, backend)

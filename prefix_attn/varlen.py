@@ -248,6 +248,14 @@ def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlen
     tensors, the prefix gradients summed over the sequences. ``dropout_p`` / ``dropout_seed`` as in
     ``prefix_attention``, sequence ``s`` taking the place of batch row ``s`` in the dropout mask.
     """
+    if isinstance(q, torch.Tensor):
+        (q, k, v, prefix_k, prefix_v), autocast = ops._autocast_inputs(q, k, v, prefix_k, prefix_v)
+        if autocast:  # as prefix_attention: the autocast dtype, differentiable casts
+            with torch.autocast(q.device.type, enabled=False):
+                return prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                               max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+                                               softcap=softcap, prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
+                                               dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend)
     _check_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_ids,
                   prefix_lengths)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):

@@ -102,3 +102,35 @@ def test_flash_attention_kwargs_from_the_collator():
         got = ours(**{k: v for k, v in fa.items() if k != "labels"}).logits
         want = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_seq_idx_from_the_collator_is_accepted(kind):
+    """TRL's packing collators (and DataCollatorWithFlattening(return_seq_idx=True)) add seq_idx, each token's
+    example index, beside position_ids / cu_seq_lens: accepted when it agrees, the logits those of the packing."""
+    _, ours, _ = peft_and_ours(kind)
+    examples, batch = packed_examples()
+    collate = transformers.DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True,
+                                                      return_position_ids=True)
+    full = collate([{"input_ids": e.tolist()} for e in examples])
+    assert "seq_idx" in full
+    with torch.no_grad():
+        got = ours(**{k: v for k, v in full.items() if k != "labels"}).logits
+        want = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert ours(**full).loss.isfinite()
+
+
+def test_seq_idx_that_disagrees_is_refused_by_name():
+    _, ours, _ = peft_and_ours("llama")
+    examples, batch = packed_examples()
+    collate = transformers.DataCollatorWithFlattening(return_seq_idx=True, return_position_ids=True)
+    full = collate([{"input_ids": e.tolist()} for e in examples])
+    wrong = full["seq_idx"].clone()
+    wrong[0, 2] += 1  # a boundary where position_ids have none
+    with pytest.raises(ValueError, match="seq_idx"), torch.no_grad():
+        ours(input_ids=full["input_ids"], position_ids=full["position_ids"], seq_idx=wrong)
+    with pytest.raises(ValueError, match="seq_idx"), torch.no_grad():  # several sequences, positions not restarting
+        ours(input_ids=full["input_ids"], seq_idx=full["seq_idx"])
+    with torch.no_grad():  # one example per row: one value per row is fine
+        ours(input_ids=full["input_ids"][:, :4], seq_idx=torch.zeros(1, 4, dtype=torch.long))

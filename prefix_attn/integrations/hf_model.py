@@ -58,6 +58,7 @@ class _Binding:
         self.row_ids: Optional[torch.Tensor] = None  # a bank: this call's prefix_ids [B] (kept for recompute)
         self.generate_ids: Optional[torch.Tensor] = None  # a bank inside generate(): the rows before expansion
         self.packed = None  # (cu_seqlens int32 [S + 1], longest) of a packed one-row batch, for this forward
+        self.seq_idx = None  # the seq_idx of this forward, once checked against the packing
         self.lengths: Dict[torch.device, torch.Tensor] = {}  # a bank: its entries' lengths, per device
         self.in_call = False
         self.previous_attn = previous_attn
@@ -72,6 +73,7 @@ class _Binding:
     def __getstate__(self) -> Dict:
         state = self.__dict__.copy()
         state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = state["packed"] = None
+        state["seq_idx"] = None
         state["lengths"] = {}
         state["depth"] = 0
         state["in_call"] = False
@@ -200,6 +202,13 @@ class _DecoderHooks:
         if "prefix_ids" in kwargs or not self.binding.in_call:  # the decoder called directly
             self.binding.set_ids(kwargs.pop("prefix_ids", None), tokens.device)
         self.binding.packed = _packed_sequences(position_ids, mask, kwargs.get("past_key_values"))
+        seq_idx = kwargs.get("seq_idx")
+        self.binding.seq_idx = None
+        if seq_idx is not None:  # TRL packing: checked here once, not in every layer
+            from .transformers import check_seq_idx  # noqa: PLC0415
+
+            check_seq_idx(seq_idx, self.binding.packed, tokens.shape[0], tokens.shape[1])
+            self.binding.seq_idx = seq_idx
         if self.binding.packed is not None and self.binding.is_bank:
             raise NotImplementedError("packed sequences (position_ids restarting inside a row) with a PrefixBank: "
                                       "not supported; pad the batch instead")

@@ -148,7 +148,6 @@ _NAMED_REFUSALS = {
     "head_mask": "a head mask",
     "attention_bias": "an additive attention bias",
     "alibi": "ALiBi position biases",
-    "seq_idx": "packed sequences (seq_idx)",
 }
 # transformers' own pass-through kwargs (TransformersKwargs: num_items_in_batch from Trainer, output_* flags, ...)
 # plus what decoder layers forward; the packed-sequence ones among them are refused above when they carry a value
@@ -184,6 +183,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if not getattr(module, "is_causal", True):
         raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
     packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
+    seq_idx = kwargs.pop("seq_idx", None)
+    if seq_idx is not None and seq_idx is not binding.seq_idx:  # checked once per forward by the decoder hook
+        check_seq_idx(seq_idx, packed, query.shape[0], query.shape[2])
     _refuse_unhandled(module, kwargs)
     softcap = kwargs.get("softcap") or 0.0
     pk, pv = binding.key_value(module.layer_idx)
@@ -229,6 +231,22 @@ def _flash_packing(kwargs, packed):
         raise ValueError("cu_seq_lens_q does not match the examples that position_ids mark")
     longest = int(max_q) if max_q is not None else int((cu[1:] - cu[:-1]).max())
     return cu, longest
+
+
+def check_seq_idx(seq_idx: torch.Tensor, packed, batch: int, length: int) -> None:
+    """``seq_idx [batch, length]`` (TRL's and ``DataCollatorWithFlattening(return_seq_idx=True)``'s example index
+    of every token) must say what the packing says: 0, 1, ... S-1 over the examples that position_ids (or
+    cu_seq_lens) mark in a packed row, one value per row otherwise. Raise ValueError naming seq_idx if not."""
+    if seq_idx.dim() != 2 or tuple(seq_idx.shape) != (batch, length):
+        raise ValueError(f"seq_idx must be [batch={batch}, length={length}], got shape {tuple(seq_idx.shape)}")
+    if packed is not None:
+        cu = packed[0].to(seq_idx.device).long()
+        want = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=seq_idx.device), cu[1:] - cu[:-1])
+        _require((seq_idx[0].long() == want).all(), "seq_idx does not match the packed examples that position_ids "
+                 "(or cu_seq_lens) mark: prefix_attn follows the packing, and refuses a seq_idx that says otherwise")
+    else:
+        _require((seq_idx == seq_idx[:, :1]).all(), "seq_idx marks several sequences in a row, but position_ids "
+                 "do not restart there: pass position_ids counting 0, 1, ... within each packed example")
 
 
 def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap, dropout_p):

@@ -4,15 +4,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# the newest installable transformers by default; `make test-hf-oldest` runs the HF tests on the oldest supported
+TRANSFORMERS_SPEC ?= transformers>=5.23
+HF_OLDEST ?= 5.23.0
 PYTEST_ARGS ?= -q
+HF_TESTS := tests/test_hf_families.py tests/test_transformers_integration.py tests/test_hf_training.py \
+	tests/test_hf_packed.py tests/test_hf_bank.py tests/test_hf_dropout.py tests/test_prefix_hidden.py \
+	tests/test_autocast.py
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-hf-oldest bench lint clean
 
 $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "setuptools>=64" wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" pybind11 ninja
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench]"
+	$(BIN)/python -m pip install -q --upgrade "$(TRANSFORMERS_SPEC)"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,6 +31,10 @@ demo: setup
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-hf-oldest:  # the Hugging Face tests on the oldest supported transformers, in a venv of their own
+	$(MAKE) setup VENV=.venv-hf-oldest TRANSFORMERS_SPEC=transformers==$(HF_OLDEST)
+	TRITON_INTERPRET=1 .venv-hf-oldest/bin/python -m pytest $(PYTEST_ARGS) $(HF_TESTS)
+
 bench: setup
 	$(BIN)/python benchmarks/bench_attention.py
 
@@ -32,4 +43,4 @@ lint: setup
 	$(BIN)/python -m ruff check prefix_attn tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info prefix_attn/*.so
+	rm -rf $(VENV) .venv-hf-oldest build *.egg-info prefix_attn/*.so

@@ -341,7 +341,9 @@ class PrefixTuning(nn.Module):
             out = model(input_ids=ids[None], use_cache=True)
         finally:
             model.train(was_training)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None)  # transformers >= 5.24; past_key_values before
+        if cache is None:
+            cache = out.past_key_values
         prefix = cls(model.config, P, init="zeros", dtype=dtype, device=device)
         for layer in range(prefix.num_layers):
             keys, values = cache.layers[layer].keys, cache.layers[layer].values  # [1, Hkv, P, D]

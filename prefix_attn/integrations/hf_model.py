@@ -201,7 +201,8 @@ class _DecoderHooks:
             tokens = kwargs.get("inputs_embeds")
         if "prefix_ids" in kwargs or not self.binding.in_call:  # the decoder called directly
             self.binding.set_ids(kwargs.pop("prefix_ids", None), tokens.device)
-        self.binding.packed = _packed_sequences(position_ids, mask, kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
+        self.binding.packed = _packed_sequences(position_ids, mask, cache)
         seq_idx = kwargs.get("seq_idx")
         self.binding.seq_idx = None
         if seq_idx is not None:  # TRL packing: checked here once, not in every layer
@@ -218,7 +219,6 @@ class _DecoderHooks:
             # PEFT: the prefix occupies positions 0..P-1, so given positions are shifted by P
             kwargs["position_ids"] = position_ids + num_prefix
         else:
-            cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
             if self.mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 # OPT counts positions over its 2-D mask (cumsum(mask) * mask - 1); under PEFT that mask starts
@@ -235,6 +235,13 @@ class _DecoderHooks:
     def after(self, module, args, output):
         self.binding.end_forward()
         return None
+
+
+def _cache_of(kwargs):
+    """The KV cache of a decoder call: ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before; still
+    accepted, deprecated, by 5.24)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def _packed_sequences(position_ids, mask, cache):

@@ -49,10 +49,40 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
     ) from exc
 
-__all__ = ["ATTN_IMPLEMENTATION", "enable", "disable", "is_enabled", "load_pretrained",
+__all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "enable", "disable", "is_enabled", "load_pretrained",
            "prefix_attention_forward", "prefix_attention_mask", "register"]
 
 ATTN_IMPLEMENTATION = "prefix_attn"
+# The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
+# (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
+TESTED_TRANSFORMERS = ("5.23", "5.24")
+_warned_version = []
+
+
+def _minor(version: str):
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_version(version: Optional[str] = None) -> bool:
+    """True if transformers (``version``, default the installed one) is within TESTED_TRANSFORMERS; else warn
+    once per process, naming the tested range, and return False."""
+    version = transformers.__version__ if version is None else version
+    oldest, newest = (_minor(v) for v in TESTED_TRANSFORMERS)
+    if oldest <= _minor(version) <= newest:
+        return True
+    if not _warned_version:
+        _warned_version.append(version)
+        import warnings  # noqa: PLC0415
+
+        warnings.warn(f"prefix_attn is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
+                      f" (inclusive); this is {version}. Releases rename model arguments (5.24 renamed "
+                      f"past_key_values to cache): check the results, or install a tested release", UserWarning,
+                      stacklevel=3)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -152,7 +182,7 @@ _NAMED_REFUSALS = {
 # transformers' own pass-through kwargs (TransformersKwargs: num_items_in_batch from Trainer, output_* flags, ...)
 # plus what decoder layers forward; the packed-sequence ones among them are refused above when they carry a value
 _INERT = frozenset(set(getattr(TransformersKwargs, "__optional_keys__", ())) | {
-    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
+    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value", "cache",
     "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids", "prefix_ids",
 }) - set(_NAMED_REFUSALS) - {"is_causal"}
 
@@ -274,7 +304,9 @@ def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap,
 
 
 def register() -> None:
-    """Register the attention and mask functions under ``"prefix_attn"`` (idempotent)."""
+    """Register the attention and mask functions under ``"prefix_attn"`` (idempotent); warn once if this
+    transformers release is outside the tested range."""
+    check_version()
     AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
 

@@ -15,6 +15,7 @@ every row so that a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -24,8 +25,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from baselines import make_sdpa  # noqa: E402
-from common import device_name, git_commit, make_inputs, max_rel_error, now, result_path, triton_version  # noqa: E402
-from common import write_json  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    git_commit,
+    make_inputs,
+    max_rel_error,
+    now,
+    result_path,
+    triton_version,
+    write_json,  # noqa: E402
+)
 
 import prefix_attn  # noqa: E402
 from prefix_attn.reference import prefix_attention_reference  # noqa: E402
@@ -121,8 +130,9 @@ def main(argv=None) -> dict:
                         if row["max_rel_err"] > TOL[dtype]:
                             row["status"] = f"wrong: max rel error {row['max_rel_err']:.2e} > {TOL[dtype]}"
                         else:
-                            row["eager_us"] = time_us(lambda: fn(*leaves), device, args.rep_ms, graph=False)
-                            row["graph_us"] = time_us(lambda: fn(*leaves), device, args.rep_ms, graph=True)
+                            call = functools.partial(fn, *leaves)
+                            row["eager_us"] = time_us(call, device, args.rep_ms, graph=False)
+                            row["graph_us"] = time_us(call, device, args.rep_ms, graph=True)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     row["status"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                 rows[method] = row

@@ -21,6 +21,7 @@ __all__ = [
     "available_backends",
     "BACKENDS",
     "PrefixTuning",
+    "PrefixShape",
     "PrefixBank",
     "enable",
     "disable",
@@ -29,11 +30,16 @@ __all__ = [
 
 _LAZY = {
     "PrefixTuning": ("prefix_attn.prefix", "PrefixTuning"),
+    "PrefixShape": ("prefix_attn.prefix", "PrefixShape"),
     "PrefixBank": ("prefix_attn.bank", "PrefixBank"),
     "enable": ("prefix_attn.integrations.transformers", "enable"),
     "disable": ("prefix_attn.integrations.transformers", "disable"),
     "load_pretrained": ("prefix_attn.integrations.transformers", "load_pretrained"),
 }
+
+
+def __dir__():  # the lazily loaded names too
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name):  # PEP 562: the Hugging Face pieces load only when asked for

@@ -76,6 +76,14 @@ class PrefixBank(nn.Module):
     def ids(self, keys, device=None) -> torch.Tensor:
         """``prefix_ids`` as a LongTensor ``[B]`` from entry numbers and/or names (a tensor passes through)."""
         if isinstance(keys, torch.Tensor):
+            if keys.dim() != 1 or keys.is_floating_point() or keys.is_complex():
+                raise ValueError(f"prefix_ids must be an integer tensor [batch], got {keys.dtype} of shape "
+                                 f"{tuple(keys.shape)}")
+            if keys.numel() and not torch.compiler.is_compiling():  # one check per call, not per layer
+                lo, hi = int(keys.min()), int(keys.max())
+                if lo < 0 or hi >= len(self.entries):
+                    raise ValueError(f"prefix_ids must lie in [0, {len(self.entries)}) (the bank's entries), got "
+                                     f"values from {lo} to {hi}")
             return keys.to(device=device or keys.device, dtype=torch.long)
         return torch.tensor([self.index(k) for k in keys], dtype=torch.long, device=device)
 

@@ -28,16 +28,20 @@ def expand_concat_sdpa(q, k, v, prefix_k, prefix_v):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _median_ms(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_ms(fns, rounds: int, sync):
+    """{name: [ms per round]}: each round times every fn once, in turn, so that a busy machine slows all of
+    them alike (a shared CPU's speed drifts by 2x between seconds)."""
+    for fn in fns.values():  # warm-up
         fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def main(argv=None) -> int:
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prefix", type=int, default=20)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,12 +91,16 @@ def main(argv=None) -> int:
             torch.autograd.grad(o, inputs, dout)
         return run
 
-    ours = _median_ms(fwd_bwd(lambda *a: prefix_attention(*a)), args.repeats, sync)
-    base = _median_ms(fwd_bwd(expand_concat_sdpa), args.repeats, sync)
-    print(f"\nforward+backward, median of {args.repeats} (causal, no padding):")
+    times = _interleaved_ms({"ours": fwd_bwd(lambda *a: prefix_attention(*a)), "base": fwd_bwd(expand_concat_sdpa)},
+                            args.rounds, sync)
+    ours, base = statistics.median(times["ours"]), statistics.median(times["base"])
+    ratios = sorted(b / o for o, b in zip(times["ours"], times["base"]))  # per round: the same moment of the machine
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    print(f"\nforward+backward, {args.rounds} interleaved rounds (causal, no padding), median ms:")
     print(f"  prefix_attention             {ours:9.2f} ms")
     print(f"  expand + concat + SDPA       {base:9.2f} ms")
-    print(f"  speed-up                     {base / ours:9.2f}x")
+    print(f"  speed-up                     {statistics.median(ratios):9.2f}x  (per-round ratios: quartiles "
+          f"{q1:.2f}-{q3:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
     return 0
 
 

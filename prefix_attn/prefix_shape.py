@@ -44,7 +44,8 @@ def prefix_shape_from_config(config) -> PrefixShape:
     hidden = _get(config, "hidden_size", "n_embd", "d_model")
     if num_layers is None or num_heads is None or hidden is None:
         raise ValueError("cannot read num_layers / num_attention_heads / hidden_size from the model config "
-                         f"{type(config).__name__}; build the prefix with PrefixTuning.from_shape(...)")
+                         f"{type(config).__name__}; build the prefix from its shape: prefix_attn.PrefixTuning("
+                         f"prefix_attn.PrefixShape(num_layers, num_kv_heads, head_dim), num_virtual_tokens)")
     num_kv = _get(config, "num_key_value_heads", default=num_heads)
     head_dim = _get(config, "head_dim", default=hidden // num_heads)
     return PrefixShape(int(num_layers), int(num_kv), int(head_dim))

@@ -140,7 +140,7 @@ def test_save_pretrained_and_load_pretrained(tmp_path, projection):
     model, prefix = enabled("llama", projection=projection)
     model.eval()
     stock_keys = {k for k in model.state_dict() if not k.startswith("prefix_attn.")}
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, full_model=True)  # the default writes the prefix only: test_hf_checkpoints.py
     assert (tmp_path / "prefix.safetensors").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
     assert "prefix_attn" not in json.dumps(config)

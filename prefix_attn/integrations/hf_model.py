@@ -33,12 +33,26 @@ import torch
 
 from ..bank import PrefixBank
 from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
+from .model_parts import (
+    _kv_out_features,
+    _own_config,
+    _position_rule,
+    _refuse_peft,
+    _runner,
+    attention_modules,
+    is_enabled,  # noqa: F401  (re-exported)
+)
+from .trainable import (
+    _NOT_SET,
+    SUBMODULE,
+    get_nb_trainable_parameters,
+    modules_to_save_names,
+    print_trainable_parameters,
+    set_saved_keys,
+)
 
-SUBMODULE = "prefix_attn"
 PREFIX_FILENAME = "prefix.safetensors"
 BANK_DIRNAME = "prefix_bank"
-_PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
-                    "CPT")
 
 
 class _Binding:
@@ -64,6 +78,9 @@ class _Binding:
         self.previous_attn = previous_attn
         self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
         self.ignore_attention_dropout = ignore_attention_dropout
+        self.modules_to_save: List[str] = []  # names of model modules kept trainable (saved with the prefix)
+        self.save_full_model = False  # save_pretrained writes every weight (else the trainable ones only)
+        self.previous_ignore = None  # the model's own _keys_to_ignore_on_save, restored by disable
         self.kv: Optional[torch.Tensor] = None
         self.kv_after = None  # (weakref to the last forward's kv, parameter versions when it was computed)
         self.depth = 0  # nested decoder forwards
@@ -286,90 +303,9 @@ class _CallHooks:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- checks
-def _runner(model, modules):
-    """The module whose forward runs the layers: the smallest PreTrainedModel inside ``model`` that holds every
-    attention module. Usually ``model.base_model``; OPT's ``OPTForCausalLM`` calls ``model.decoder`` directly,
-    so a hook on ``OPTModel`` would never fire."""
-    from transformers import PreTrainedModel
-
-    wanted = {id(m) for m in modules}
-    best, best_size = model, None
-    for sub in model.modules():
-        if not isinstance(sub, PreTrainedModel):
-            continue
-        inside = [id(m) for m in sub.modules()]
-        if wanted.issubset(inside) and (best_size is None or len(inside) < best_size):
-            best, best_size = sub, len(inside)
-    return best
-
-
-def _position_rule(runner) -> bool:
-    """True when the decoder derives positions from the attention mask (OPT); refuse families whose positions
-    come from the token ids (RoBERTa-style decoders: pad tokens skipped), which PEFT shifts in a way this hook
-    does not reproduce."""
-    embed = getattr(runner, "embed_positions", None)
-    if type(embed).__name__ == "OPTLearnedPositionalEmbedding":
-        return True
-    embeddings = getattr(runner, "embeddings", None)
-    if embeddings is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
-        raise NotImplementedError(
-            f"{type(runner).__name__} derives positions from the token ids (pad tokens skipped); prefix_attn "
-            f"does not reproduce PEFT's prefix offset for that rule")
-    return False
-
-
-def attention_modules(model) -> list:
-    """The model's self-attention modules (those with an int ``layer_idx``), in layer order."""
-    mods = []
-    for name, m in model.named_modules():
-        if not type(m).__name__.endswith("Attention") or not isinstance(getattr(m, "layer_idx", None), int):
-            continue
-        if getattr(m, "is_cross_attention", False):
-            raise NotImplementedError(f"{name}: cross-attention layers are not supported by prefix_attn")
-        mods.append(m)
-    return sorted(mods, key=lambda m: m.layer_idx)
-
-
-def _kv_out_features(module) -> Optional[int]:
-    k_proj = getattr(module, "k_proj", None)
-    if k_proj is not None and hasattr(k_proj, "out_features"):
-        return k_proj.out_features
-    c_attn = getattr(module, "c_attn", None)  # GPT-2: fused q|k|v Conv1D
-    if c_attn is not None and hasattr(c_attn, "nf"):
-        return c_attn.nf // 3
-    return None
-
-
-def _refuse_peft(model) -> None:
-    """A PEFT-wrapped model already applies its own prompt (or would be bypassed): refuse, naming from_peft."""
-    peft_config = getattr(model, "peft_config", None)
-    is_peft_model = type(model).__module__.startswith("peft.") or peft_config is not None
-    if not is_peft_model:
-        return
-    kinds = set()
-    if isinstance(peft_config, dict):
-        for cfg in peft_config.values():
-            kind = getattr(cfg, "peft_type", None)
-            kinds.add(str(getattr(kind, "value", kind)))
-    prompt = sorted(k for k in kinds if k in _PROMPT_LEARNING)
-    if prompt:
-        raise ValueError(
-            f"this model already carries a PEFT {'/'.join(prompt)} adapter: enabling prefix_attn on it would "
-            f"apply a prompt twice. Convert it instead: prefix = prefix_attn.PrefixTuning.from_peft(peft_model); "
-            f"model = peft_model.get_base_model(); prefix_attn.enable(model, prefix)")
-    raise ValueError(
-        f"prefix_attn.enable takes a transformers model, not a PEFT wrapper ({type(model).__name__}); pass "
-        f"peft_model.get_base_model() (its injected layers, e.g. LoRA, stay in place; use freeze_model=False "
-        f"to keep them trainable)")
-
-
-def is_enabled(model) -> bool:
-    return getattr(model, "_prefix_attn_binding", None) is not None
-
-
 # ---------------------------------------------------------------------------------------------- enable
-def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False):
+def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False,
+           modules_to_save: Optional[List[str]] = None, save_full_model: bool = False):
     """Run ``model``'s attention through ``prefix_attention`` with ``prefix``; returns the same model object.
 
     ``prefix`` may be a :class:`~prefix_attn.PrefixBank`: then every call names each row's entry,
@@ -387,6 +323,12 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
                  the only trainable part: an optimizer over ``model.parameters()`` trains exactly the prefix
         ignore_attention_dropout: train without attention dropout (the model's attention dropout probability is
                                   applied in the kernels otherwise; other dropouts are unaffected)
+        modules_to_save: names of modules that stay trainable beside the prefix (PEFT's ``modules_to_save``: a
+                 classification head, say); a name matches a module whose dotted name is it or ends with
+                 ``"." + name``. They are saved and loaded with the prefix.
+        save_full_model: ``model.save_pretrained`` (and so every Trainer checkpoint) writes every weight; by
+                 default it writes the trainable ones only (the prefix, ``modules_to_save``, whatever else has
+                 ``requires_grad``), which :func:`load_pretrained` puts back onto a stock base model
 
     Calling ``enable`` on an enabled model replaces its prefix.
     """
@@ -429,6 +371,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     device = first.device if first is not None else next(iter(prefix.parameters())).device
     if any(p.device != device for p in prefix.parameters()):
         prefix.to(device)
+    config = _own_config(model)  # set_attn_implementation writes into the config object, which models share
     previous = config._attn_implementation
     unfrozen = []
     if freeze_model:
@@ -436,7 +379,12 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
             if p.requires_grad:
                 unfrozen.append(name)
                 p.requires_grad_(False)
+    saved = modules_to_save_names(model, modules_to_save or [])
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
     binding = _Binding(prefix, previous, unfrozen, ignore_attention_dropout)
+    binding.modules_to_save, binding.save_full_model = saved, bool(save_full_model)
     model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
     if config._attn_implementation != hf.ATTN_IMPLEMENTATION:
         _restore(model, binding)
@@ -456,6 +404,10 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     from .checkpoints import save_pretrained  # noqa: PLC0415 - it imports this module
 
     model.save_pretrained = functools.partial(save_pretrained, model)
+    model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
+    model.get_nb_trainable_parameters = functools.partial(get_nb_trainable_parameters, model)
+    binding.previous_ignore = model.__dict__.get("_keys_to_ignore_on_save", _NOT_SET)
+    set_saved_keys(model)
     if binding.is_bank and hasattr(model, "generate"):
         model.generate = functools.partial(generate, model)
     return model
@@ -497,8 +449,12 @@ def disable(model):
             del m._prefix_attn_binding
     if getattr(model, SUBMODULE, None) is binding.prefix:
         delattr(model, SUBMODULE)
-    model.__dict__.pop("save_pretrained", None)
-    model.__dict__.pop("generate", None)
+    for name in ("save_pretrained", "generate", "print_trainable_parameters", "get_nb_trainable_parameters"):
+        model.__dict__.pop(name, None)
+    if binding.previous_ignore is _NOT_SET:
+        model.__dict__.pop("_keys_to_ignore_on_save", None)
+    elif binding.previous_ignore is not None or "_keys_to_ignore_on_save" in model.__dict__:
+        model._keys_to_ignore_on_save = binding.previous_ignore
     del model._prefix_attn_binding
     _restore(model, binding)
     binding.kv = None

@@ -49,8 +49,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
     ) from exc
 
-__all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "enable", "disable", "is_enabled", "load_pretrained",
-           "prefix_attention_forward", "prefix_attention_mask", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "enable", "disable", "is_enabled",
+           "load_pretrained", "prefix_attention_forward", "prefix_attention_mask", "register"]
 
 ATTN_IMPLEMENTATION = "prefix_attn"
 # The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something

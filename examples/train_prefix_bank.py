@@ -8,9 +8,9 @@ which way to count. Two tasks ask different things of the same kind of prompt:
 * ``count_down``: continue downward (-1), with a prefix of 8 virtual tokens.
 
 Both prefixes go in one ``PrefixBank`` and train together: every batch holds rows of both tasks and
-``prefix_ids`` names each row's entry. The model is saved with ``save_pretrained`` (stock checkpoint +
-``prefix_bank/``), reloaded with ``prefix_attn.load_pretrained``, and generates from a mixed, left-padded batch
-in which the same prompt counts up or down depending on its row's prefix.
+``prefix_ids`` names each row's entry. The model is saved with ``save_pretrained`` (the bank: ``model.safetensors``
+with its tensors + ``prefix_bank/``), reloaded onto the base with ``prefix_attn.load_pretrained``, and generates
+from a mixed, left-padded batch in which the same prompt counts up or down depending on its row's prefix.
 
     python examples/train_prefix_bank.py                 # seconds on 2 CPU cores; no downloads
 """
@@ -107,6 +107,8 @@ def main():
     model.eval()
     _, hits = generate(model, "stock model (no prefix), greedy:")
     print(f"stock model follows the task's rule: {summary(hits)}")
+    base_dir = os.path.join(args.out, "base_model")
+    model.save_pretrained(base_dir)  # the frozen base, saved once: checkpoints of the enabled model hold the bank
 
     # 2. two prefixes of different lengths in one bank; enable() freezes the model
     prefixes = {name: prefix_attn.PrefixTuning(model.config, num_virtual_tokens=p, init="normal", init_std=0.02)
@@ -137,12 +139,12 @@ def main():
     model.eval()
     trained, _ = generate(model, "with the bank, greedy:", bank)
 
-    # 3. save (stock checkpoint + prefix_bank/), reload, generate the mixed batch again
+    # 3. save (the bank's tensors + prefix_bank/), reload onto the base model, generate the mixed batch again
     path = os.path.join(args.out, "bank_model")
     model.save_pretrained(path)
     print(f"saved {path}: {sorted(os.listdir(path))}, prefix_bank/: "
           f"{sorted(os.listdir(os.path.join(path, 'prefix_bank')))}")
-    reloaded = prefix_attn.load_pretrained(path, GPT2LMHeadModel).eval()
+    reloaded = prefix_attn.load_pretrained(path, model=GPT2LMHeadModel.from_pretrained(base_dir)).eval()
     again = reloaded.prefix_attn
     print(f"reloaded bank: {again.extra_repr()}")
     out, hits = generate(reloaded, "reloaded model + reloaded bank, greedy:", again)

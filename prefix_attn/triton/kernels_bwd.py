@@ -162,7 +162,7 @@ def _prefix_attn_bwd_dprefix_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh,
     H, HKV, GROUP, Tq, P, N_START, qk_scale, sm_scale, cap_in, cap_out, drop_thr, drop_scale,
-    UNITS, UNITS_PER_SPLIT, SPLITS,
+    UNITS, UNITS_PER_SPLIT, SPLITS, SPLIT_STRIDE,
     PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
     VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -173,7 +173,8 @@ def _prefix_attn_bwd_dprefix_kernel(
     Shared prefix (no HAS_IDS): one entry, all B rows. Bank: entry u is ENTRY[u] and its rows are
     ROWS[ROW_START[u] : ROW_START[u] + ROW_COUNT[u]] (the batch rows sorted by entry). The work of (u, kv head) is
     ROW_COUNT[u] * GROUP * cdiv(Tq, BLOCK_M) query blocks; split s takes units [s * UNITS_PER_SPLIT, ...) and writes
-    float32 partials DPK/DPV[s, u, hk, P, HEAD_DIM] (contiguous), which _prefix_attn_reduce_kernel sums in a fixed
+    float32 partials DPK/DPV[s, u, hk, P, HEAD_DIM] (split s at s * SPLIT_STRIDE, the rest contiguous), which
+    _prefix_attn_reduce_kernel sums in a fixed
     order: deterministic, no atomics. Every query sees every visible slot, so no step is masked; slots past the
     entry's length (HAS_LENS) are written as zeros."""
     pid_n = tl.program_id(0)
@@ -224,16 +225,16 @@ def _prefix_attn_bwd_dprefix_kernel(
         visible = (offs_n < tl.load(LENS + e))[:, None]
         dk = tl.where(visible, dk, 0.0)
         dv = tl.where(visible, dv, 0.0)
-    n_used = tl.num_programs(2) // SPLITS
-    out_base = ((split * n_used + u_entry) * HKV + hk) * P * HEAD_DIM
+    out_base = split.to(tl.int64) * SPLIT_STRIDE + (u_entry * HKV + hk) * P * HEAD_DIM
     _store(DPK + out_base, offs_n, offs_d, HEAD_DIM, 1, dk * sm_scale, n_valid, HEAD_DIM, BLOCK_D)
     _store(DPV + out_base, offs_n, offs_d, HEAD_DIM, 1, dv, n_valid, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=GENERIC_INTS)
-def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, PER_ENTRY,
+def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, SPLIT_STRIDE, NUMEL, PER_ENTRY,
                                HAS_IDS: tl.constexpr, BLOCK: tl.constexpr):
-    """DPK/DPV[i] = sum over s = 0, 1, ... of the float32 partials [SPLITS, NUMEL], cast to the output dtype:
+    """DPK/DPV[i] = sum over s = 0, 1, ... of the float32 partials [SPLITS, SPLIT_STRIDE] (the first NUMEL of each
+    row; SPLIT_STRIDE, a multiple of 16 and specialised, keeps the loads vectorised), cast to the output dtype:
     one launch for both gradients, a fixed summation order. With HAS_IDS the NUMEL = U * PER_ENTRY elements are U
     used entries, written to the bank rows ENTRY[u] (the other rows of the zero-filled bank gradient stay zero)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -244,8 +245,8 @@ def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, NUMEL, P
     acc_k = tl.zeros([BLOCK], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
-        acc_k += tl.load(PART_K + s * NUMEL + offs, mask=ok, other=0.0)
-        acc_v += tl.load(PART_V + s * NUMEL + offs, mask=ok, other=0.0)
+        acc_k += tl.load(PART_K + s * SPLIT_STRIDE + offs, mask=ok, other=0.0)
+        acc_v += tl.load(PART_V + s * SPLIT_STRIDE + offs, mask=ok, other=0.0)
     tl.store(DPK + dest, acc_k.to(DPK.dtype.element_ty), mask=ok)
     tl.store(DPV + dest, acc_v.to(DPV.dtype.element_ty), mask=ok)
 

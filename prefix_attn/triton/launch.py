@@ -311,8 +311,10 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
             programs = sum(n for _, _, n in pieces) * heads_kv * used
             per_split = triton.cdiv(units, _prefix_splits(units, programs, q.device))
             splits = triton.cdiv(units, per_split)
-            partial_k = torch.empty((splits, used, heads_kv, num_prefix, head_dim), dtype=torch.float32,
-                                    device=q.device)
+            per_entry = heads_kv * num_prefix * head_dim
+            numel = used * per_entry
+            split_stride = -(-numel // 16) * 16  # rows of the partials 64-byte aligned: vector loads in the reduction
+            partial_k = torch.empty((splits, split_stride), dtype=torch.float32, device=q.device)
             partial_v = torch.empty_like(partial_k)
             for start, block_n, n_blocks in pieces:
                 _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
@@ -320,16 +322,14 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
                     lay.cu_q, drop.seed, partial_k, partial_v,
                     *lay.s(q), *bank.strides(), *lay.s(dout), *lse_strides,
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
-                    cap_in, cap_out, *drop.args(), units, per_split, splits,
+                    cap_in, cap_out, *drop.args(), units, per_split, splits, split_stride,
                     BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=_dprefix_warps(cfg, block_n),
                     num_stages=cfg.num_stages, **bank.flags(), **flags, **seq,
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
-            per_entry = heads_kv * num_prefix * head_dim
-            numel = used * per_entry
             reduce_block = 1024 if not _interpreting() else 256
             _prefix_attn_reduce_kernel[(triton.cdiv(numel, reduce_block),)](
-                partial_k, partial_v, dpk, dpv, entry, splits, numel, per_entry, HAS_IDS=not bank.shared,
+                partial_k, partial_v, dpk, dpv, entry, splits, split_stride, numel, per_entry, HAS_IDS=not bank.shared,
                 BLOCK=reduce_block,
             )
 

@@ -113,7 +113,8 @@ def test_bank_module_and_errors(tmp_path):
     again = PrefixBank.load(str(tmp_path / "bank"))
     assert again.names == ["a", "b"] and torch.equal(again["b"].prefix_kv, bank["b"].prefix_kv)
     ours.save_pretrained(tmp_path / "ckpt")
-    restored = prefix_attn.load_pretrained(tmp_path / "ckpt").eval()
+    stock = prefix_attn.disable(copy.deepcopy(ours))  # the base model: checkpoints hold the bank's tensors only
+    restored = prefix_attn.load_pretrained(tmp_path / "ckpt", model=stock).eval()
     assert isinstance(restored.prefix_attn, PrefixBank)
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask, prefix_ids=ROWS).logits,

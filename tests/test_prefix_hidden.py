@@ -123,7 +123,8 @@ def test_training_moves_only_the_rows_and_materialize_keeps_outputs(kind, tmp_pa
     torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits, want, atol=0, rtol=0)
     # checkpoints of the enabled model
     ours.save_pretrained(str(tmp_path / "ckpt"))
-    back = prefix_attn.load_pretrained(str(tmp_path / "ckpt")).eval()
+    stock = prefix_attn.disable(copy.deepcopy(ours))  # the base model: checkpoints hold the prefix only
+    back = prefix_attn.load_pretrained(str(tmp_path / "ckpt"), model=stock).eval()
     torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want, atol=0, rtol=0)
     assert back.prefix_attn.parameterization == "hidden"
     kv = prefix.key_value().detach().clone()

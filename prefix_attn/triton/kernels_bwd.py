@@ -239,14 +239,15 @@ def _prefix_attn_reduce_kernel(PART_K, PART_V, DPK, DPV, ENTRY, SPLITS, SPLIT_ST
     used entries, written to the bank rows ENTRY[u] (the other rows of the zero-filled bank gradient stay zero)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
+    in_row = offs < SPLIT_STRIDE  # the loads' mask: constant over 16 elements (vector loads); the pad is never stored
     dest = offs
     if HAS_IDS:
         dest = tl.load(ENTRY + offs // PER_ENTRY, mask=ok, other=0).to(tl.int64) * PER_ENTRY + offs % PER_ENTRY
     acc_k = tl.zeros([BLOCK], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
-        acc_k += tl.load(PART_K + s * SPLIT_STRIDE + offs, mask=ok, other=0.0)
-        acc_v += tl.load(PART_V + s * SPLIT_STRIDE + offs, mask=ok, other=0.0)
+        acc_k += tl.load(PART_K + s * SPLIT_STRIDE + offs, mask=in_row, other=0.0)
+        acc_v += tl.load(PART_V + s * SPLIT_STRIDE + offs, mask=in_row, other=0.0)
     tl.store(DPK + dest, acc_k.to(DPK.dtype.element_ty), mask=ok)
     tl.store(DPV + dest, acc_v.to(DPV.dtype.element_ty), mask=ok)
 

@@ -20,9 +20,21 @@ LENGTHS = [4, 7, 1, 5]
 def packed_examples(seed=3):
     g = torch.Generator().manual_seed(seed)
     examples = [torch.randint(3, VOCAB, (n,), generator=g) for n in LENGTHS]
-    collate = transformers.DataCollatorWithFlattening(return_position_ids=True)
-    batch = collate([{"input_ids": e.tolist()} for e in examples])
-    return examples, batch
+    return examples, collate(examples)
+
+
+def collate(examples, **flags):
+    """DataCollatorWithFlattening's batch of the examples: position_ids, and what flags ask for on top."""
+    collator = transformers.DataCollatorWithFlattening(return_position_ids=True, **flags)
+    return collator([{"input_ids": e.tolist()} for e in examples])
+
+
+def assert_logits_of_the_packing(model, full, batch):
+    """The model on a collated batch with extra packing kwargs gives the logits of position_ids alone."""
+    with torch.no_grad():
+        got = model(**{k: v for k, v in full.items() if k != "labels"}).logits
+        want = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def example_loss_sum(logits, examples):
@@ -95,13 +107,9 @@ def test_flash_attention_kwargs_from_the_collator():
     Llama passes to its attention function: the same result as from position_ids alone."""
     _, ours, _ = peft_and_ours("llama")
     examples, batch = packed_examples()
-    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
-    fa = collate([{"input_ids": e.tolist()} for e in examples])
+    fa = collate(examples, return_flash_attn_kwargs=True)
     assert "cu_seq_lens_q" in fa
-    with torch.no_grad():
-        got = ours(**{k: v for k, v in fa.items() if k != "labels"}).logits
-        want = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert_logits_of_the_packing(ours, fa, batch)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -110,22 +118,16 @@ def test_seq_idx_from_the_collator_is_accepted(kind):
     example index, beside position_ids / cu_seq_lens: accepted when it agrees, the logits those of the packing."""
     _, ours, _ = peft_and_ours(kind)
     examples, batch = packed_examples()
-    collate = transformers.DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True,
-                                                      return_position_ids=True)
-    full = collate([{"input_ids": e.tolist()} for e in examples])
+    full = collate(examples, return_seq_idx=True, return_flash_attn_kwargs=True)
     assert "seq_idx" in full
-    with torch.no_grad():
-        got = ours(**{k: v for k, v in full.items() if k != "labels"}).logits
-        want = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert_logits_of_the_packing(ours, full, batch)
     assert ours(**full).loss.isfinite()
 
 
 def test_seq_idx_that_disagrees_is_refused_by_name():
     _, ours, _ = peft_and_ours("llama")
-    examples, batch = packed_examples()
-    collate = transformers.DataCollatorWithFlattening(return_seq_idx=True, return_position_ids=True)
-    full = collate([{"input_ids": e.tolist()} for e in examples])
+    examples, _ = packed_examples()
+    full = collate(examples, return_seq_idx=True)
     wrong = full["seq_idx"].clone()
     wrong[0, 2] += 1  # a boundary where position_ids have none
     with pytest.raises(ValueError, match="seq_idx"), torch.no_grad():

@@ -101,7 +101,7 @@ def load_pretrained(path, model_class=None, *, model=None, prefix_device=None, f
         _load_trainable(model, path)
     elif meta.get("weights") == "trainable":
         base = meta.get("base_model_name_or_path") or ""
-        if not base or not (os.path.isdir(base) or not os.path.isabs(base)):
+        if not base or (os.path.isabs(base) and not os.path.isdir(base)):  # none, or a local path that is gone
             raise ValueError(f"{path} holds the trained tensors only (the prefix and modules_to_save) and names no "
                              f"loadable base model ({base!r}); pass model=<the stock base model>")
         model = model_class.from_pretrained(base, **from_pretrained_kwargs)

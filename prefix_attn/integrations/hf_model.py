@@ -453,7 +453,7 @@ def disable(model):
         model.__dict__.pop(name, None)
     if binding.previous_ignore is _NOT_SET:
         model.__dict__.pop("_keys_to_ignore_on_save", None)
-    elif binding.previous_ignore is not None or "_keys_to_ignore_on_save" in model.__dict__:
+    else:
         model._keys_to_ignore_on_save = binding.previous_ignore
     del model._prefix_attn_binding
     _restore(model, binding)

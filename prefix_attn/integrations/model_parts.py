@@ -91,7 +91,6 @@ def is_enabled(model) -> bool:
     return getattr(model, "_prefix_attn_binding", None) is not None
 
 
-
 def _own_config(model):
     """Give ``model`` and its submodules a copy of their config (and its sub-configs): two models built from one
     config object share it, and switching one's attention implementation must not switch the other's."""
@@ -106,5 +105,3 @@ def _own_config(model):
         if c is not None and id(c) in pairs:
             m.config = pairs[id(c)]
     return model.config
-
-

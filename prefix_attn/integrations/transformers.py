@@ -26,9 +26,11 @@ do not ask for ``"prefix_attn"``. See docs/huggingface.md for the PEFT conventio
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
+from packaging.version import Version
 
 from ..ops import prefix_attention
 from ..varlen import prefix_attention_varlen
@@ -60,11 +62,7 @@ _warned_version = []
 
 
 def _minor(version: str):
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
+    return Version(version).release[:2]  # "5.24.0.dev0" -> (5, 24)
 
 
 def check_version(version: Optional[str] = None) -> bool:
@@ -76,8 +74,6 @@ def check_version(version: Optional[str] = None) -> bool:
         return True
     if not _warned_version:
         _warned_version.append(version)
-        import warnings  # noqa: PLC0415
-
         warnings.warn(f"prefix_attn is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
                       f" (inclusive); this is {version}. Releases rename model arguments (5.24 renamed "
                       f"past_key_values to cache): check the results, or install a tested release", UserWarning,

@@ -4,14 +4,16 @@ The compiled module is found lazily, once, on the first call to ``is_available()
 
 1. ``prefix_attn._C``, built by ``pip install --no-build-isolation -e .`` (setup.py), unless a file in
    ``csrc/`` is newer than it (an edited source checkout: rebuild, or let step 2 compile the edit);
-2. otherwise a JIT build of ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` (ninja), cached in
+2. otherwise a JIT build of ``csrc/*.cpp`` (``build_config.py``: the source checkout's ``csrc/``, or the copy a
+   wheel ships in ``prefix_attn/_csrc/``) with ``torch.utils.cpp_extension.load`` (ninja), cached in
    torch's extensions directory (``TORCH_EXTENSIONS_DIR``, file-locked by torch, so concurrent first
    imports build it once). Set ``PREFIX_ATTN_NO_JIT=1`` to skip this step.
 
 Importing this module compiles nothing. If neither step works, ``is_available()`` says why and
 ``prefix_attn.ops`` falls back to the PyTorch reference with one warning.
 
-Shapes and conventions are those of ``prefix_attn/ops.py``. float16/bfloat16 inputs are computed in float32
+Shapes and conventions are those of ``prefix_attn/ops.py``; packed inputs (``cu_seqlens_q/k``) go to the same
+kernel, which walks the sequences through a per-row descriptor. float16/bfloat16 inputs are computed in float32
 (the kernel converts q, k, v, the prefix and, in backward, dout and out once, explicitly); float64 runs in
 float64 and then returns its ``lse`` in float64 too.
 """
@@ -22,23 +24,15 @@ import functools
 import glob
 import os
 import re
-import sys
 from typing import Optional, Tuple
 
 import torch
 
+from . import build_config
+
 __all__ = ["is_available", "source", "prefix_attn_fwd", "prefix_attn_bwd"]
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-
-
-def _compile_flags() -> Tuple[list, list]:
-    """(cflags, ldflags) of the JIT build; setup.py uses the same."""
-    cflags, ldflags = ["-O3"], []
-    if sys.platform.startswith("linux"):  # OpenMP, as torch's own build: at::parallel_for needs it
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    return cflags, ldflags
+_CSRC = build_config.source_dir()
 
 
 def _prebuilt_is_stale() -> str:
@@ -47,7 +41,9 @@ def _prebuilt_is_stale() -> str:
     if not built:
         return ""
     built_at = min(os.path.getmtime(p) for p in built)
-    for src in glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.h")):
+    if not _CSRC:
+        return ""
+    for src in build_config.sources(_CSRC) + build_config.headers(_CSRC):
         if os.path.getmtime(src) > built_at:
             return os.path.relpath(src, os.path.dirname(_CSRC))
     return ""
@@ -68,13 +64,14 @@ def _load():
             prebuilt = f"no prebuilt prefix_attn._C ({exc})"
     if os.environ.get("PREFIX_ATTN_NO_JIT", "0") == "1":
         return None, f"{prebuilt}; JIT build disabled by PREFIX_ATTN_NO_JIT=1", ""
-    sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+    sources = build_config.sources(_CSRC) if _CSRC else []
     if not sources:
-        return None, f"{prebuilt}; no C++ sources at {_CSRC} to JIT-compile", ""
+        where = " or ".join(build_config.CANDIDATE_DIRS)
+        return None, f"{prebuilt}; no C++ sources at {where} to JIT-compile", ""
     try:
         from torch.utils import cpp_extension  # noqa: PLC0415
 
-        cflags, ldflags = _compile_flags()
+        cflags, ldflags = build_config.flags()
         # the torch version is part of the name: a module built against another torch is never reused
         name = "prefix_attn_cpu_" + re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
         verbose = os.environ.get("PREFIX_ATTN_VERBOSE_BUILD") == "1"
@@ -115,27 +112,36 @@ def _dropout_args(dropout_p, dropout_seed, batch_offset) -> dict:
     return dict(dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_batch_offset=int(batch_offset))
 
 
+def _packed(cu_seqlens_q, cu_seqlens_k) -> dict:
+    return {} if cu_seqlens_q is None else dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], causal: bool,
                     softmax_scale: float, softcap: float = 0.0, prefix_ids: Optional[torch.Tensor] = None,
-                    prefix_lengths: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    prefix_lengths: Optional[torch.Tensor] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q: int = 0, max_seqlen_k: int = 0, dropout_p: float = 0.0,
                     dropout_seed: Optional[torch.Tensor] = None, dropout_batch_offset: int = 0):
-    """-> (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 inputs).
-    dropout_seed: an int64 0-d tensor (needed when dropout_p > 0); rows are numbered from dropout_batch_offset."""
+    """-> (out in q's shape and dtype, lse [B, Hq, Tq] or packed [Hq, total_q]; float32, or float64 for float64
+    inputs). dropout_seed: an int64 0-d tensor (needed when dropout_p > 0); rows are numbered from
+    dropout_batch_offset. max_seqlen_q/k are not needed here (the kernel reads the offsets)."""
     out, lse = _module().fwd(q, k, v, prefix_k, prefix_v, attention_mask, bool(causal), float(softmax_scale),
                              float(softcap), prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
-                             **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset))
+                             **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset),
+                             **_packed(cu_seqlens_q, cu_seqlens_k))
     return out, lse
 
 
 def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask: Optional[torch.Tensor], out, lse,
                     causal: bool, softmax_scale: float, softcap: float = 0.0, need_dq: bool = True,
                     need_dkv: bool = True, need_dprefix: bool = True, prefix_ids: Optional[torch.Tensor] = None,
-                    prefix_lengths: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    prefix_lengths: Optional[torch.Tensor] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q: int = 0, max_seqlen_k: int = 0, dropout_p: float = 0.0,
                     dropout_seed: Optional[torch.Tensor] = None, dropout_batch_offset: int = 0):
     """-> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype; None for the ones not asked for."""
     dq, dk, dv, dpk, dpv = _module().bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse,
                                          bool(causal), float(softmax_scale), float(softcap), bool(need_dq),
                                          bool(need_dkv), bool(need_dprefix), prefix_ids=prefix_ids,
                                          prefix_lengths=prefix_lengths,
-                                         **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset))
+                                         **_dropout_args(dropout_p, dropout_seed, dropout_batch_offset),
+                                         **_packed(cu_seqlens_q, cu_seqlens_k))
     return dq, dk, dv, dpk, dpv

@@ -11,6 +11,9 @@ Shapes, used everywhere in the package::
     out:            [batch, heads_q, len_q, head_dim]
     lse:            [batch, heads_q, len_q]  float32/64, natural log; -inf where a query sees no key
 
+Packed sequences (``prefix_attention_varlen_reference``): q ``[total_q, heads_q, head_dim]``, k/v ``[total_k,
+heads_kv, head_dim]``, sequence s at rows ``cu_seqlens[s] .. cu_seqlens[s+1]``, run as batch row s alone.
+
 This implementation does exactly what the fused kernels avoid: it expands the prefix over the batch,
 concatenates it with the text keys/values and materialises the full score matrix.
 """
@@ -23,7 +26,7 @@ import torch
 
 from .dropout import dropout_mask
 
-__all__ = ["visible_mask", "prefix_attention_reference", "attention_flops"]
+__all__ = ["visible_mask", "prefix_attention_reference", "prefix_attention_varlen_reference", "attention_flops"]
 
 
 def visible_mask(
@@ -144,6 +147,33 @@ def prefix_attention_reference(
         return out
     lse = (row_max + torch.log(denom)).squeeze(-1)
     return out, lse
+
+
+def _rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi of a packed [total, H, D] tensor as a [1, H, rows, D] view."""
+    return t[lo:hi].transpose(0, 1).unsqueeze(0)
+
+
+def prefix_attention_varlen_reference(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, *, causal=True,
+                                      softmax_scale=None, softcap=0.0, prefix_ids=None, prefix_lengths=None,
+                                      dropout_p=0.0, dropout_seed=None, compute_dtype=None):
+    """The padded reference run on each packed sequence alone (sequence s is dropout row s); differentiable, the
+    oracle of the packed tests. -> ``[total_q, heads_q, head_dim]``."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s in range(len(cq) - 1):
+        bank = {}
+        if prefix_ids is not None:
+            bank = {"prefix_ids": prefix_ids[s:s + 1], "prefix_lengths": prefix_lengths}
+        o = prefix_attention_reference(_rows(q, cq[s], cq[s + 1]), _rows(k, ck[s], ck[s + 1]),
+                                       _rows(v, ck[s], ck[s + 1]), prefix_k, prefix_v, causal=causal,
+                                       softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p,
+                                       dropout_seed=dropout_seed, dropout_batch_offset=s, compute_dtype=compute_dtype,
+                                       **bank)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outs, 0)
 
 
 def attention_flops(batch: int, heads_q: int, len_q: int, len_k: int, num_prefix: int, head_dim: int,

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -64,6 +65,60 @@ inline Bank make_bank(const c10::optional<at::Tensor>& prefix_ids, const c10::op
     }
   }
   return bank;
+}
+
+// Packed sequences (cu_seqlens): sequence b is rows [q_start[b], q_start[b] + q_len[b]) of the packed q and
+// [k_start[b], ...) of k and v. Padded inputs have no descriptor: every row has the tensor's len_q and len_k.
+struct Seqs {
+  bool packed = false;
+  std::vector<int64_t> q_start, k_start, q_len, k_len;
+  int64_t len_q = 0, len_k = 0;  // padded: the lengths of every row; packed: the longest sequences'
+  int64_t total_q = 0;           // packed: rows of the packed q
+  int64_t lq(int64_t b) const { return packed ? q_len[b] : len_q; }
+  int64_t lk(int64_t b) const { return packed ? k_len[b] : len_k; }
+  const int64_t* q_rows() const { return packed ? q_start.data() : nullptr; }
+  const int64_t* k_rows() const { return packed ? k_start.data() : nullptr; }
+  // where row b, query head h starts in lse ([B, Hq, Tq] padded, [Hq, total_q] packed)
+  int64_t lse_row(int64_t b, int64_t h, int64_t heads_q) const {
+    return packed ? h * total_q + q_start[b] : (b * heads_q + h) * len_q;
+  }
+};
+
+inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// [total, H, D] -> a [1, H, total, D] view (no copy), the layout Rows4 reads with Seqs' row starts
+inline at::Tensor packed_view(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+
+// The offsets, checked where they guard memory: cu[0] == 0, non-decreasing, within the packed totals, and
+// len_q <= len_k per sequence (the bottom-right causal alignment).
+inline Seqs make_seqs(const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, int64_t total_q,
+                      int64_t total_k) {
+  Seqs s;
+  TORCH_CHECK(given(cu_q) == given(cu_k), "prefix_attn cpu: cu_seqlens_q and cu_seqlens_k go together");
+  if (!given(cu_q)) return s;
+  TORCH_CHECK(cu_q->dim() == 1 && cu_q->size(0) >= 1 && cu_k->dim() == 1 && cu_k->size(0) == cu_q->size(0),
+              "prefix_attn cpu: cu_seqlens_q and cu_seqlens_k must be [num_seqs + 1], got ", shape_str(*cu_q),
+              " and ", shape_str(*cu_k));
+  TORCH_CHECK(cu_q->device().is_cpu() && cu_k->device().is_cpu(), "prefix_attn cpu: cu_seqlens must be on the CPU");
+  const std::vector<int64_t> oq = to_vector(*cu_q), ok = to_vector(*cu_k);
+  TORCH_CHECK(oq[0] == 0 && ok[0] == 0, "prefix_attn cpu: cu_seqlens must start at 0");
+  TORCH_CHECK(oq.back() <= total_q && ok.back() <= total_k, "prefix_attn cpu: cu_seqlens_q/k end at ", oq.back(),
+              "/", ok.back(), ", past the packed totals ", total_q, "/", total_k);
+  s.packed = true;
+  s.total_q = total_q;
+  const size_t n = oq.size() - 1;
+  for (size_t b = 0; b < n; ++b) {
+    const int64_t lq = oq[b + 1] - oq[b], lk = ok[b + 1] - ok[b];
+    TORCH_CHECK(lq >= 0 && lk >= 0, "prefix_attn cpu: cu_seqlens must be non-decreasing");
+    TORCH_CHECK(lq <= lk, "prefix_attn cpu: sequence ", b, " has len_q=", lq, " > len_k=", lk);
+    s.q_start.push_back(oq[b]);
+    s.k_start.push_back(ok[b]);
+    s.q_len.push_back(lq);
+    s.k_len.push_back(lk);
+    s.len_q = std::max(s.len_q, lq);
+    s.len_k = std::max(s.len_k, lk);
+  }
+  return s;
 }
 
 inline Dropout make_dropout(double dropout_p, int64_t seed, int64_t batch_offset) {
@@ -152,6 +207,41 @@ inline at::Tensor prep(const at::Tensor& t) {
   const bool ld_ok = x.size(-2) <= 1 || x.stride(-2) >= x.size(-1);
   if (!rows_ok || !ld_ok) x = x.contiguous();
   return x;
+}
+
+// Padded inputs as they are, or packed ones ([total, H, D] with cu_seqlens) as [1, H, total, D] views with their
+// descriptor; the checks of check_inputs then apply to both, and d's batch and lengths become the number of
+// sequences and the longest ones.
+struct Layout {
+  at::Tensor q, k, v;
+  Seqs seqs;
+  Dims d;
+};
+
+inline Layout make_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                          const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask,
+                          const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k) {
+  Layout l{q, k, v, Seqs{}, Dims{}};
+  if (given(cu_q) || given(cu_k)) {
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefix_attn cpu: packed q, k, v must be [total_q, ",
+                "heads_q, head_dim] and [total_k, heads_kv, head_dim], got ", shape_str(q), ", ", shape_str(k), ", ",
+                shape_str(v));
+    TORCH_CHECK(!given(attention_mask), "prefix_attn cpu: attention_mask must be None with cu_seqlens");
+    l.seqs = make_seqs(cu_q, cu_k, q.size(0), k.size(0));
+    l.q = packed_view(q);
+    l.k = packed_view(k);
+    l.v = packed_view(v);
+  }
+  l.d = check_inputs(l.q, l.k, l.v, prefix_k, prefix_v, attention_mask);
+  if (l.seqs.packed) {
+    l.d.batch = static_cast<int64_t>(l.seqs.q_len.size());
+    l.d.len_q = l.seqs.len_q;
+    l.d.len_k = l.seqs.len_k;
+  } else {
+    l.seqs.len_q = l.d.len_q;
+    l.seqs.len_k = l.d.len_k;
+  }
+  return l;
 }
 
 // Padding mask, preprocessed: a 0/-inf bias per text key, the first visible key of each row and a running

@@ -10,6 +10,9 @@
 //   out:            [batch, heads_q, len_q, head_dim]
 //   lse:            [batch, heads_q, len_q]                float32 (float64 for float64 inputs), +inf where a
 //                                                          query sees no key
+//   packed (cu_seqlens_q/k [S + 1]): q, out [total_q, heads_q, head_dim], k, v [total_k, heads_kv, head_dim],
+//                   lse [heads_q, total_q]; sequence s is rows cu_seqlens[s] .. cu_seqlens[s + 1] and plays the
+//                   part of batch row s (prefix_ids [S], the dropout row), no attention_mask
 //
 // Query i sits at text position len_k - len_q + i (bottom-right alignment) and, with `causal`, sees text
 // keys j <= len_k - len_q + i. The keys of one (batch, kv head) are walked as blocks of the prefix, then
@@ -130,15 +133,14 @@ constexpr int64_t kBwdBlockK = 64;
 // T: compute type (float or double); TI: the inputs' and out's type (T, or a 16-bit type computed in float)
 template <typename T, typename TI>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                            const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Dropout& drop,
-                            const Dims& d, bool causal, double scale, double softcap, at::Tensor& out, at::Tensor& lse,
-                            int64_t block_q, int64_t block_k) {
+                            const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Seqs& seqs,
+                            const Dropout& drop, const Dims& d, bool causal, double scale, double softcap,
+                            const at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k) {
   const int64_t nqb = (d.len_q + block_q - 1) / block_q;
-  const int64_t offset = d.len_k - d.len_q;
   const int64_t D = d.head_dim;
-  const Rows4<TI> Q(q), K(k), V(v), PK(pk), PV(pv);
-  TI* out_ptr = out.data_ptr<TI>();  // contiguous [B, Hq, Tq, D]
-  T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
+  const Rows4<TI> Q(q, seqs.q_rows()), K(k, seqs.k_rows()), V(v, seqs.k_rows()), PK(pk), PV(pv);
+  const Rows4<TI> O(out, seqs.q_rows());  // out: q's layout, contiguous
+  T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq] (packed [Hq, total_q])
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
   const T sc = static_cast<T>(scale);
   const T cap = static_cast<T>(softcap);  // 0: no capping
@@ -155,7 +157,9 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t b = task / (nqb * d.heads_q);
       const int64_t hkv = hq / d.group;
       const int64_t q0 = qb * block_q;
-      const int64_t bq = std::min(block_q, d.len_q - q0);
+      const int64_t len_q = seqs.lq(b), len_k = seqs.lk(b), offset = len_k - len_q;
+      if (q0 >= len_q) continue;  // a packed sequence shorter than the longest
+      const int64_t bq = std::min(block_q, len_q - q0);
       int64_t ldq, ldk, ldv;
       const T* q_tile = qs.rows(b, hq, q0, q0 + bq, &ldq);
       std::fill(acc.begin(), acc.end(), T(0));
@@ -182,7 +186,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         block(k_tile, ldk, v_tile, ldv, n, nullptr, n, p0);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
-      const int64_t k_end = causal ? std::min(d.len_k, offset + q0 + bq) : d.len_k;
+      const int64_t k_end = causal ? std::min(len_k, offset + q0 + bq) : len_k;
       for (int64_t k0 = k_begin; k0 < k_end; k0 += block_k) {
         const int64_t n = std::min(block_k, k_end - k0);
         if (mask.present && mask.block_empty(b, k0, n)) continue;
@@ -193,17 +197,17 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
               mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0, d.num_prefix + k0);
       }
 
-      const int64_t row0 = (b * d.heads_q + hq) * d.len_q + q0;
+      T* lse_q = lse_ptr + seqs.lse_row(b, hq, d.heads_q) + q0;
       for (int64_t r = 0; r < bq; ++r) {
-        TI* o = out_ptr + (row0 + r) * D;
+        TI* o = O.mut(b, hq, q0 + r);
         const T* a = acc.data() + r * D;
         if (l[r] > T(0)) {
           const T inv = T(1) / l[r];
           for (int64_t c = 0; c < D; ++c) o[c] = static_cast<TI>(a[c] * inv);
-          lse_ptr[row0 + r] = m[r] + std::log(l[r]);
+          lse_q[r] = m[r] + std::log(l[r]);
         } else {  // sees no key at all: zero output, lse = +inf makes backward's exp(s - lse) vanish
           for (int64_t c = 0; c < D; ++c) o[c] = static_cast<TI>(T(0));
-          lse_ptr[row0 + r] = std::numeric_limits<T>::infinity();
+          lse_q[r] = std::numeric_limits<T>::infinity();
         }
       }
     }
@@ -215,21 +219,22 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 template <typename T, typename TI>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
-                            const MaskInfo& mask, const Bank& bank, const Dropout& drop, const Dims& d, bool causal,
-                            double scale, double softcap, bool need_dq, bool need_dkv, bool need_dprefix,
-                            at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpk_part, at::Tensor& dpv_part,
-                            int64_t block_q, int64_t block_k) {
-  const int64_t offset = d.len_k - d.len_q;
+                            const MaskInfo& mask, const Bank& bank, const Seqs& seqs, const Dropout& drop,
+                            const Dims& d, bool causal, double scale, double softcap, bool need_dq, bool need_dkv,
+                            bool need_dprefix, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                            at::Tensor& dpk_part, at::Tensor& dpv_part, int64_t block_q, int64_t block_k) {
   const int64_t D = d.head_dim;
-  const Rows4<TI> Q(q), K(k), V(v), PK(pk), PV(pv), dO(dout), O(out);
-  // outputs: contiguous, each element owned by exactly one task (zero-filled when TI == T, see RowSink)
-  TI* dq_ptr = need_dq ? dq.data_ptr<TI>() : nullptr;                                    // [B, Hq, Tq, D]
-  TI* dk_ptr = need_dkv ? dk.data_ptr<TI>() : nullptr;                                   // [B, Hkv, Tk, D]
-  TI* dv_ptr = need_dkv ? dv.data_ptr<TI>() : nullptr;
+  const int64_t* qr = seqs.q_rows();
+  const int64_t* kr = seqs.k_rows();
+  const Rows4<TI> Q(q, qr), K(k, kr), V(v, kr), PK(pk), PV(pv), dO(dout, qr), O(out, qr);
+  // outputs: in q's / k's layout, contiguous, each element owned by exactly one task (zero-filled when TI == T,
+  // see RowSink)
+  const bool do_dq = need_dq, do_dkv = need_dkv;
+  const Rows4<TI> DQ(do_dq ? dq : q, qr), DK(do_dkv ? dk : k, kr), DV(do_dkv ? dv : v, kr);
   // prefix-gradient partials: T, zero-filled
   T* dpk_ptr = need_dprefix && d.num_prefix > 0 ? dpk_part.data_ptr<T>() : nullptr;      // [B, Hkv, P, D]
   T* dpv_ptr = need_dprefix && d.num_prefix > 0 ? dpv_part.data_ptr<T>() : nullptr;
-  const T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq]
+  const T* lse_ptr = lse.data_ptr<T>();  // contiguous [B, Hq, Tq] (packed [Hq, total_q])
   const T* bias_ptr = mask.present ? mask.bias.data_ptr<T>() : nullptr;
   const bool do_prefix = d.num_prefix > 0 && (need_dq || need_dprefix);
   const bool do_text = need_dq || need_dkv;
@@ -248,8 +253,10 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
-      T* dk_bh = dk_ptr ? dk_sink.begin(dk_ptr + (b * d.heads_kv + hkv) * d.len_k * D, d.len_k) : nullptr;
-      T* dv_bh = dv_ptr ? dv_sink.begin(dv_ptr + (b * d.heads_kv + hkv) * d.len_k * D, d.len_k) : nullptr;
+      const int64_t len_q = seqs.lq(b), len_k = seqs.lk(b), offset = len_k - len_q;
+      int64_t lddk = D, lddv = D, lddq = D;
+      T* dk_bh = do_dkv ? dk_sink.begin(DK.mut(b, hkv, 0), len_k, DK.st, &lddk) : nullptr;
+      T* dv_bh = do_dkv ? dv_sink.begin(DV.mut(b, hkv, 0), len_k, DV.st, &lddv) : nullptr;
       T* dpk_bh = dpk_ptr ? dpk_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
       T* dpv_bh = dpv_ptr ? dpv_ptr + (b * d.heads_kv + hkv) * d.num_prefix * D : nullptr;
       // this row's prefix entry and its visible slots, and the text keys from the first visible one
@@ -258,24 +265,26 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
       int64_t ldpk = 0, ldpv = 0, ldk = 0, ldv = 0;
       const T* pk_rows = do_prefix ? pks.rows(e, hkv, 0, np, &ldpk) : nullptr;  // row p at pk_rows + p * ldpk
       const T* pv_rows = do_prefix ? pvs.rows(e, hkv, 0, np, &ldpv) : nullptr;
-      const T* k_rows = do_text ? ks.rows(b, hkv, k_begin, d.len_k, &ldk) - k_begin * ldk : nullptr;  // row j at
-      const T* v_rows = do_text ? vs.rows(b, hkv, k_begin, d.len_k, &ldv) - k_begin * ldv : nullptr;  // + j * ld
+      const T* k_rows = do_text ? ks.rows(b, hkv, k_begin, len_k, &ldk) - k_begin * ldk : nullptr;  // row j at
+      const T* v_rows = do_text ? vs.rows(b, hkv, k_begin, len_k, &ldv) - k_begin * ldv : nullptr;  // + j * ld
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t hq = hkv * d.group + g;
         int64_t ldq, lddo, ldo;
-        const T* q_h = qs.rows(b, hq, 0, d.len_q, &ldq);
-        const T* do_h = dos.rows(b, hq, 0, d.len_q, &lddo);
-        const T* o_h = os.rows(b, hq, 0, d.len_q, &ldo);
-        row_dots(do_h, lddo, o_h, ldo, d.len_q, D, delta.data());
-        const T* lse_h = lse_ptr + (b * d.heads_q + hq) * d.len_q;
-        T* dq_h = dq_ptr ? dq_sink.begin(dq_ptr + (b * d.heads_q + hq) * d.len_q * D, d.len_q) : nullptr;
+        const T* q_h = qs.rows(b, hq, 0, len_q, &ldq);
+        const T* do_h = dos.rows(b, hq, 0, len_q, &lddo);
+        const T* o_h = os.rows(b, hq, 0, len_q, &ldo);
+        row_dots(do_h, lddo, o_h, ldo, len_q, D, delta.data());
+        const T* lse_h = lse_ptr + seqs.lse_row(b, hq, d.heads_q);
+        T* dq_h = do_dq ? dq_sink.begin(DQ.mut(b, hq, 0), len_q, DQ.st, &lddq) : nullptr;
 
         // Key block [n keys] x query rows [r0, r0 + m): P and dS from the recomputed scores, then the three
         // gradient products. Key-block-outer order makes every product long in its inner dimension: dK and
         // dV sum over up to block_q rows in one call, dQ takes the whole block of keys.
         // With dropout (mask Z, scaled): dV = (P * Z)^T dO and dS = P * (Z * dP - delta), delta = rowsum(dO * O).
+        // dk_tile / dv_tile: rows ldc_dk / ldc_dv apart (the prefix partials: D; the text gradients: their sinks')
         auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
-                         int64_t n, const T* col_bias, int64_t r0, int64_t m, int64_t lim0, int64_t col0) {
+                         int64_t ldc_dk, int64_t ldc_dv, int64_t n, const T* col_bias, int64_t r0, int64_t m,
+                         int64_t lim0, int64_t col0) {
           T* S = s_buf.data();
           T* dS = dp_buf.data();
           const T* q_tile = q_h + r0 * ldq;
@@ -289,9 +298,9 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
             const T* g = cap_grad.data();
             for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];
           }
-          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, lddo, T(1), dv_tile, D);
-          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, ldq, T(1), dk_tile, D);
-          if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * D, D);
+          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, lddo, T(1), dv_tile, ldc_dv);
+          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, ldq, T(1), dk_tile, ldc_dk);
+          if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * lddq, lddq);
         };
 
         if (do_prefix) {  // the partial's slots past np stay zero
@@ -300,23 +309,24 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
           const int64_t pb = nblocks > 0 ? (np + nblocks - 1) / nblocks : 1;
           for (int64_t p0 = 0; p0 < np; p0 += pb) {
             const int64_t n = std::min(pb, np - p0);
-            for (int64_t r0 = 0; r0 < d.len_q; r0 += block_q) {
+            for (int64_t r0 = 0; r0 < len_q; r0 += block_q) {
               block(pk_rows + p0 * ldpk, ldpk, pv_rows + p0 * ldpv, ldpv, dpk_bh ? dpk_bh + p0 * D : nullptr,
-                    dpv_bh ? dpv_bh + p0 * D : nullptr, n, nullptr, r0, std::min(block_q, d.len_q - r0), n, p0);
+                    dpv_bh ? dpv_bh + p0 * D : nullptr, D, D, n, nullptr, r0, std::min(block_q, len_q - r0), n, p0);
             }
           }
         }
         if (do_text) {
-          for (int64_t k0 = k_begin; k0 < d.len_k; k0 += block_k) {
-            const int64_t n = std::min(block_k, d.len_k - k0);
+          for (int64_t k0 = k_begin; k0 < len_k; k0 += block_k) {
+            const int64_t n = std::min(block_k, len_k - k0);
             if (mask.present && mask.block_empty(b, k0, n)) continue;
             // with `causal`, query rows before k0 - offset see none of these keys
             const int64_t r_begin = causal ? std::max<int64_t>(0, k0 - offset) : 0;
-            for (int64_t r0 = r_begin; r0 < d.len_q; r0 += block_q) {
-              const int64_t m = std::min(block_q, d.len_q - r0);
-              block(k_rows + k0 * ldk, ldk, v_rows + k0 * ldv, ldv, dk_bh ? dk_bh + k0 * D : nullptr,
-                    dv_bh ? dv_bh + k0 * D : nullptr, n, mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, r0,
-                    m, causal ? offset + r0 + 1 - k0 : n, d.num_prefix + k0);
+            for (int64_t r0 = r_begin; r0 < len_q; r0 += block_q) {
+              const int64_t m = std::min(block_q, len_q - r0);
+              block(k_rows + k0 * ldk, ldk, v_rows + k0 * ldv, ldv, dk_bh ? dk_bh + k0 * lddk : nullptr,
+                    dv_bh ? dv_bh + k0 * lddv : nullptr, lddk, lddv, n,
+                    mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, r0, m, causal ? offset + r0 + 1 - k0 : n,
+                    d.num_prefix + k0);
             }
           }
         }
@@ -335,25 +345,33 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
                             double softmax_scale, double softcap, int64_t block_q, int64_t block_k,
                             const c10::optional<at::Tensor>& prefix_ids,
                             const c10::optional<at::Tensor>& prefix_lengths, double dropout_p, int64_t dropout_seed,
-                            int64_t dropout_batch_offset) {
+                            int64_t dropout_batch_offset, const c10::optional<at::Tensor>& cu_seqlens_q,
+                            const c10::optional<at::Tensor>& cu_seqlens_k) {
   at::NoGradGuard no_grad;
-  const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
+  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k);
+  const Dims& d = lay.d;
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
   const Dropout drop = make_dropout(dropout_p, dropout_seed, dropout_batch_offset);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
   TORCH_CHECK(softcap >= 0, "prefix_attn cpu: softcap must be >= 0, got ", softcap);
   const auto st = q.scalar_type();
   const auto cdt = compute_type(st);
-  at::Tensor qc = prep(q), kc = prep(k), vc = prep(v), pkc = prep(prefix_k), pvc = prep(prefix_v);
+  at::Tensor qc = prep(lay.q), kc = prep(lay.k), vc = prep(lay.v), pkc = prep(prefix_k), pvc = prep(prefix_v);
   const MaskInfo mask = make_mask_info(attention_mask, d, cdt);
-  at::Tensor out = at::empty({d.batch, d.heads_q, d.len_q, d.head_dim}, q.options());
-  at::Tensor lse = at::empty({d.batch, d.heads_q, d.len_q}, at::TensorOptions().dtype(cdt));
-  if (out.numel() > 0) {
+  const bool packed = lay.seqs.packed;
+  // out in q's layout ([B, Hq, Tq, D], packed [total_q, Hq, D]), contiguous; lse [B, Hq, Tq] (packed [Hq, total_q])
+  at::Tensor out = packed ? at::zeros(q.sizes(), q.options())
+                          : at::empty({d.batch, d.heads_q, d.len_q, d.head_dim}, q.options());
+  at::Tensor lse = packed ? at::full({d.heads_q, q.size(0)}, std::numeric_limits<double>::infinity(),
+                                     at::TensorOptions().dtype(cdt))
+                          : at::empty({d.batch, d.heads_q, d.len_q}, at::TensorOptions().dtype(cdt));
+  if (out.numel() > 0 && d.batch > 0) {
+    const at::Tensor out4 = packed ? packed_view(out) : out;
     dispatch(st, [&](auto compute, auto input) {
       using T = decltype(compute);
       using TI = decltype(input);
-      prefix_attn_fwd_kernel<T, TI>(qc, kc, vc, pkc, pvc, mask, bank, drop, d, causal, softmax_scale, softcap, out,
-                                    lse, block_q, block_k);
+      prefix_attn_fwd_kernel<T, TI>(qc, kc, vc, pkc, pvc, mask, bank, lay.seqs, drop, d, causal, softmax_scale,
+                                    softcap, out4, lse, block_q, block_k);
     });
   }
   return {out, lse};
@@ -366,53 +384,65 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             bool need_dkv, bool need_dprefix, int64_t block_q, int64_t block_k,
                             const c10::optional<at::Tensor>& prefix_ids,
                             const c10::optional<at::Tensor>& prefix_lengths, double dropout_p, int64_t dropout_seed,
-                            int64_t dropout_batch_offset) {
+                            int64_t dropout_batch_offset, const c10::optional<at::Tensor>& cu_seqlens_q,
+                            const c10::optional<at::Tensor>& cu_seqlens_k) {
   at::NoGradGuard no_grad;
-  const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, attention_mask);
+  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k);
+  const Dims& d = lay.d;
+  const bool packed = lay.seqs.packed;
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
   const Dropout drop = make_dropout(dropout_p, dropout_seed, dropout_batch_offset);
   TORCH_CHECK(block_q > 0 && block_k > 0, "prefix_attn cpu: block sizes must be positive");
-  TORCH_CHECK(dout.sizes() == q.sizes(), "prefix_attn cpu: dout must be [batch, heads_q, len_q, head_dim] = ",
-              shape_str(q), " like q, got ", shape_str(dout));
-  TORCH_CHECK(out.sizes() == q.sizes(), "prefix_attn cpu: out must be [batch, heads_q, len_q, head_dim] = ",
-              shape_str(q), " like q, got ", shape_str(out));
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.batch && lse.size(1) == d.heads_q && lse.size(2) == d.len_q,
-              "prefix_attn cpu: lse must be [batch=", d.batch, ", heads_q=", d.heads_q, ", len_q=", d.len_q,
-              "], got ", shape_str(lse));
+  TORCH_CHECK(dout.sizes() == q.sizes(), "prefix_attn cpu: dout must be ", shape_str(q), " like q, got ",
+              shape_str(dout));
+  TORCH_CHECK(out.sizes() == q.sizes(), "prefix_attn cpu: out must be ", shape_str(q), " like q, got ",
+              shape_str(out));
+  if (packed) {
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.heads_q && lse.size(1) == q.size(0),
+                "prefix_attn cpu: lse must be [heads_q=", d.heads_q, ", total_q=", q.size(0), "], got ",
+                shape_str(lse));
+  } else {
+    TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.batch && lse.size(1) == d.heads_q && lse.size(2) == d.len_q,
+                "prefix_attn cpu: lse must be [batch=", d.batch, ", heads_q=", d.heads_q, ", len_q=", d.len_q,
+                "], got ", shape_str(lse));
+  }
   TORCH_CHECK(dout.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
               "prefix_attn cpu: dout, out and lse must be CPU tensors");
   const auto st = q.scalar_type();
   const auto cdt = compute_type(st);
   TORCH_CHECK(dout.scalar_type() == st && out.scalar_type() == st, "prefix_attn cpu: dout and out must have q's dtype ",
               st, ", got ", dout.scalar_type(), " and ", out.scalar_type());
-  at::Tensor qc = prep(q), kc = prep(k), vc = prep(v), pkc = prep(prefix_k), pvc = prep(prefix_v), doc = prep(dout),
-             oc = prep(out);
+  at::Tensor qc = prep(lay.q), kc = prep(lay.k), vc = prep(lay.v), pkc = prep(prefix_k), pvc = prep(prefix_v),
+             doc = prep(packed ? packed_view(dout) : dout), oc = prep(packed ? packed_view(out) : out);
   at::Tensor lsec = lse.to(cdt).contiguous();
   const MaskInfo mask = make_mask_info(attention_mask, d, cdt);
   auto opts = at::TensorOptions().dtype(cdt);
   // dq/dk/dv in q's dtype. float32/float64 accumulate in place (zero-filled); 16-bit ones are written whole by
   // the tasks' RowSinks whenever the kernel runs.
-  const bool written = st != cdt && q.numel() > 0;
-  auto grad = [&](std::initializer_list<int64_t> shape) {
+  // (packed: rows outside every sequence are zero-filled)
+  const bool written = st != cdt && q.numel() > 0 && !packed;
+  auto grad = [&](at::IntArrayRef shape) {
     return written ? at::empty(shape, q.options()) : at::zeros(shape, q.options());
   };
   at::Tensor dq, dk, dv, dpk_part, dpv_part;
-  if (need_dq) dq = grad({d.batch, d.heads_q, d.len_q, d.head_dim});
+  if (need_dq) dq = grad(q.sizes());
   if (need_dkv) {
-    dk = grad({d.batch, d.heads_kv, d.len_k, d.head_dim});
-    dv = grad({d.batch, d.heads_kv, d.len_k, d.head_dim});
+    dk = grad(k.sizes());
+    dv = grad(k.sizes());
   }
   if (need_dprefix) {
     dpk_part = at::zeros({d.batch, d.heads_kv, d.num_prefix, d.head_dim}, opts);
     dpv_part = at::zeros({d.batch, d.heads_kv, d.num_prefix, d.head_dim}, opts);
   }
-  if (q.numel() > 0 && (need_dq || need_dkv || need_dprefix)) {
+  if (q.numel() > 0 && d.batch > 0 && (need_dq || need_dkv || need_dprefix)) {
+    auto view = [&](const at::Tensor& t) { return packed && t.defined() ? packed_view(t) : t; };
+    const at::Tensor dq4 = view(dq), dk4 = view(dk), dv4 = view(dv);
     dispatch(st, [&](auto compute, auto input) {
       using T = decltype(compute);
       using TI = decltype(input);
-      prefix_attn_bwd_kernel<T, TI>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, drop, d, causal, softmax_scale,
-                                    softcap, need_dq, need_dkv, need_dprefix, dq, dk, dv, dpk_part, dpv_part, block_q,
-                                    block_k);
+      prefix_attn_bwd_kernel<T, TI>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, lay.seqs, drop, d, causal,
+                                    softmax_scale, softcap, need_dq, need_dkv, need_dprefix, dq4, dk4, dv4, dpk_part,
+                                    dpv_part, block_q, block_k);
     });
   }
   at::Tensor dpk, dpv;
@@ -482,7 +512,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("attention_mask"), py::arg("causal"), py::arg("softmax_scale"), py::arg("softcap") = 0.0,
         py::arg("block_q") = prefix_attn::kFwdBlockQ, py::arg("block_k") = prefix_attn::kFwdBlockK,
         py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0);
+        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0, py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none());
   m.def("bwd", &prefix_attn::bwd,
         "prefix attention backward -> [dq, dk, dv, dprefix_k, dprefix_v] (None where not needed)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
@@ -490,5 +521,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap") = 0.0, py::arg("need_dq") = true, py::arg("need_dkv") = true, py::arg("need_dprefix") = true,
         py::arg("block_q") = prefix_attn::kBwdBlockQ, py::arg("block_k") = prefix_attn::kBwdBlockK,
         py::arg("prefix_ids") = py::none(), py::arg("prefix_lengths") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0);
+        py::arg("dropout_seed") = 0, py::arg("dropout_batch_offset") = 0, py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none());
 }

@@ -17,17 +17,24 @@
 
 namespace prefix_attn {
 
-// A [rows, head_dim] matrix inside a 4-d [B, H, T, D] (or 3-d [H, T, D]) tensor, rows unit-stride.
+// A [rows, head_dim] matrix inside a 4-d [B, H, T, D] (or 3-d [H, T, D]) tensor, rows unit-stride. Packed
+// sequences are a [1, H, total, D] view with `start` (cu_seqlens, in rows): matrix (b, h) then begins at row
+// start[b] of head h, so every sequence is a matrix of its own, indexed from row 0.
 template <typename T>
 struct Rows4 {
   const T* base;
   int64_t sb, sh, st;
-  explicit Rows4(const at::Tensor& t)
+  const int64_t* start;
+  explicit Rows4(const at::Tensor& t, const int64_t* row_start = nullptr)
       : base(t.data_ptr<T>()),
         sb(t.dim() == 4 ? t.stride(0) : 0),
         sh(t.stride(t.dim() - 3)),
-        st(t.size(-2) > 1 ? t.stride(-2) : t.size(-1)) {}
-  const T* at(int64_t b, int64_t h, int64_t row) const { return base + b * sb + h * sh + row * st; }
+        st(t.size(-2) > 1 ? t.stride(-2) : t.size(-1)),
+        start(row_start) {}
+  const T* at(int64_t b, int64_t h, int64_t row) const {
+    return base + (start ? start[b] * st : b * sb) + h * sh + row * st;
+  }
+  T* mut(int64_t b, int64_t h, int64_t row) const { return const_cast<T*>(at(b, h, row)); }  // outputs
 };
 
 // rows x dim values, rows strided by ld_src / ld_dst (multiversioned, defined in prefix_attn_cpu.cpp)
@@ -79,8 +86,9 @@ class RowSource {
   int64_t lo_ = 0, hi_ = 0;  // rows [lo_, hi_) of key_ are in buf_
 };
 
-// A contiguous [rows, dim] block of a gradient output, accumulated in T. TI == T: in the output itself (which
-// the caller zero-fills). Otherwise in a zeroed per-thread float buffer, converted into the output by flush().
+// A [rows, dim] block of a gradient output (rows ld apart), accumulated in T. TI == T: in the output itself
+// (which the caller zero-fills). Otherwise in a zeroed per-thread float buffer (rows dim apart), converted into
+// the output by flush(). begin() returns where to accumulate and sets *ld_acc to its row stride.
 template <typename T, typename TI>
 class RowSink {
  public:
@@ -89,19 +97,22 @@ class RowSink {
       buf_.reset(new T[static_cast<size_t>(std::max<int64_t>(max_rows * dim, 1))]);
     }
   }
-  T* begin(TI* out, int64_t rows) {
+  T* begin(TI* out, int64_t rows, int64_t ld, int64_t* ld_acc) {
     if constexpr (std::is_same<T, TI>::value) {
+      *ld_acc = ld;
       return out;
     } else {
       out_ = out;
       rows_ = rows;
+      ld_ = ld;
+      *ld_acc = dim_;
       std::fill(buf_.get(), buf_.get() + rows * dim_, T(0));
       return buf_.get();
     }
   }
   void flush() {
     if constexpr (!std::is_same<T, TI>::value) {
-      if (out_ != nullptr) from_float(buf_.get(), dim_, rows_, dim_, out_, dim_);
+      if (out_ != nullptr) from_float(buf_.get(), dim_, rows_, dim_, out_, ld_);
       out_ = nullptr;
     }
   }
@@ -110,7 +121,7 @@ class RowSink {
   int64_t dim_;
   std::unique_ptr<T[]> buf_;  // uninitialised: pages are committed as rows are written
   TI* out_ = nullptr;
-  int64_t rows_ = 0;
+  int64_t rows_ = 0, ld_ = 0;
 };
 
 }  // namespace prefix_attn

@@ -21,6 +21,7 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import checks
 from .prefix import PrefixShape, PrefixTuning
 
 __all__ = ["PrefixBank"]
@@ -79,12 +80,15 @@ class PrefixBank(nn.Module):
             if keys.dim() != 1 or keys.is_floating_point() or keys.is_complex():
                 raise ValueError(f"prefix_ids must be an integer tensor [batch], got {keys.dtype} of shape "
                                  f"{tuple(keys.shape)}")
-            if keys.numel() and not torch.compiler.is_compiling():  # one check per call, not per layer
-                lo, hi = int(keys.min()), int(keys.max())
-                if lo < 0 or hi >= len(self.entries):
-                    raise ValueError(f"prefix_ids must lie in [0, {len(self.entries)}) (the bank's entries), got "
-                                     f"values from {lo} to {hi}")
-            return keys.to(device=device or keys.device, dtype=torch.long)
+            if torch.compiler.is_compiling():
+                return keys.to(device=device or keys.device, dtype=torch.long)
+            values = checks.host_list(keys)  # one host read per ids tensor (memoised)
+            if values and (min(values) < 0 or max(values) >= len(self.entries)):
+                raise ValueError(f"prefix_ids must lie in [0, {len(self.entries)}) (the bank's entries), got "
+                                 f"values from {min(values)} to {max(values)}")
+            ids = keys.to(device=device or keys.device, dtype=torch.long)
+            checks.known(ids, "list", values)
+            return ids
         return torch.tensor([self.index(k) for k in keys], dtype=torch.long, device=device)
 
     @property

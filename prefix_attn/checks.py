@@ -18,7 +18,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["check_padded", "check_packed", "check_softcap", "bank_values", "offsets", "memo", "known", "trust"]
+__all__ = ["check_padded", "check_packed", "check_softcap", "bank_values", "group_rows", "host_list", "memo", "known",
+           "trust"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MEMO_SIZE = 256
@@ -87,6 +88,26 @@ def min_max(t: torch.Tensor):
     return int(both[0]), int(both[1])
 
 
+def group_rows(ids: torch.Tensor):
+    """A bank's batch rows grouped by entry, for the prefix-gradient kernels: (entry [U], row_start [U], row_count
+    [U], rows [B], the largest count), int32 tensors on the ids' device of the entries some row chose, ascending,
+    each entry's rows in batch order. Reads the ids on the host once (memoise it per ids tensor)."""
+    return group_rows_host(ids.tolist(), ids.device)
+
+
+def group_rows_host(values: List[int], device):
+    """:func:`group_rows` of ids known on the host (no read)."""
+    entries = sorted(set(values))
+    rows = sorted(range(len(values)), key=lambda b: values[b])  # stable: batch order within an entry
+    count = [values.count(e) for e in entries]
+    start = [sum(count[:i]) for i in range(len(count))]
+
+    def make(x):
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    return make(entries), make(start), make(count), make(rows), max(count) if count else 0
+
+
 def bank_values(prefix_k: torch.Tensor, prefix_ids: Optional[torch.Tensor],
                 prefix_lengths: Optional[torch.Tensor]) -> None:
     """prefix_ids in [0, num_entries), prefix_lengths in [0, num_prefix]: one host read per tensor, memoised."""
@@ -105,9 +126,10 @@ def bank_values(prefix_k: torch.Tensor, prefix_ids: Optional[torch.Tensor],
                              f"values from {lo} to {hi}")
 
 
-def offsets(cu: torch.Tensor) -> List[int]:
-    """The values of a ``cu_seqlens`` tensor as a host list (memoised: one read per tensor)."""
-    return memo(cu, "list", cu.tolist)
+def host_list(t: torch.Tensor) -> List[int]:
+    """The values of an int tensor (``cu_seqlens``, ``prefix_ids``) as a host list (memoised: one read per
+    tensor)."""
+    return memo(t, "list", t.tolist)
 
 
 def check_offsets(q, k, cu_q, cu_k, max_q: int, max_k: int) -> None:
@@ -116,7 +138,7 @@ def check_offsets(q, k, cu_q, cu_k, max_q: int, max_k: int) -> None:
     lists = []
     for name, cu, total, mx, of in (("cu_seqlens_q", cu_q, q.shape[0], max_q, "q"),
                                     ("cu_seqlens_k", cu_k, k.shape[0], max_k, "k")):
-        c = offsets(cu)
+        c = host_list(cu)
         lists.append(c)
         if c[0] != 0:
             raise ValueError(f"{name} must start at 0, got {c[0]}")

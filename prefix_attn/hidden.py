@@ -17,7 +17,20 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_projectable", "project_kv"]
+__all__ = ["attention_modules", "check_projectable", "project_kv"]
+
+
+def attention_modules(model) -> list:
+    """The self-attention modules of a model (modules named ``*Attention`` with an int ``layer_idx``, as
+    transformers' are), in layer order."""
+    mods = []
+    for name, m in model.named_modules():
+        if not type(m).__name__.endswith("Attention") or not isinstance(getattr(m, "layer_idx", None), int):
+            continue
+        if getattr(m, "is_cross_attention", False):
+            raise NotImplementedError(f"{name}: cross-attention layers are not supported by prefix_attn")
+        mods.append(m)
+    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def check_projectable(module, hidden_size=None) -> None:

@@ -199,9 +199,7 @@ class PrefixTuning(nn.Module):
 
         modules = model_or_attention_modules
         if isinstance(modules, nn.Module):
-            from .integrations.hf_model import attention_modules  # noqa: PLC0415 - needs transformers
-
-            modules = attention_modules(modules)
+            modules = hidden.attention_modules(modules)
         modules = list(modules)
         if len(modules) != self.num_layers:
             raise ValueError(f"a hidden-state prefix of {self.num_layers} layers cannot bind {len(modules)} "

@@ -19,6 +19,7 @@ from test_transformers_integration import VOCAB, P, padded_batch, tiny_model  # 
 
 import prefix_attn  # noqa: E402
 from prefix_attn import PrefixBank, PrefixTuning  # noqa: E402
+from prefix_attn.integrations import attention as hf_attention  # noqa: E402
 from prefix_attn.integrations import transformers as hf  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -177,7 +178,7 @@ def test_unreadable_config_message_names_a_real_constructor():
 
 
 def test_version_outside_the_tested_range_warns_once(monkeypatch):
-    monkeypatch.setattr(hf, "_warned_version", [])
+    monkeypatch.setattr(hf_attention, "_warned_version", [])
     assert hf.check_version(hf.TESTED_TRANSFORMERS[0] + ".0") and hf.check_version(hf.TESTED_TRANSFORMERS[1] + ".3")
     with pytest.warns(UserWarning, match="tested with transformers 5.23 to 5.24"):
         assert not hf.check_version("5.30.0")

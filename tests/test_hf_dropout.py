@@ -15,7 +15,7 @@ from test_transformers_integration import P, padded_batch, peft_and_ours, tiny_m
 
 import prefix_attn  # noqa: E402
 from prefix_attn import PrefixTuning  # noqa: E402
-from prefix_attn.integrations import transformers as hf  # noqa: E402
+from prefix_attn.integrations import attention as hf_attention  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -24,13 +24,13 @@ warnings.filterwarnings("ignore", category=UserWarning)
                                          ("qwen2", {"attention_dropout": 0.3})])
 def test_model_dropout_probability_reaches_the_op(kind, config, monkeypatch):
     seen = []
-    real = hf.prefix_attention
+    real = hf_attention.prefix_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("dropout_p"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "prefix_attention", spy)
+    monkeypatch.setattr(hf_attention, "prefix_attention", spy)
     model = tiny_model(kind, **config)
     prefix = PrefixTuning(model.config, P)
     prefix_attn.enable(model, prefix)

@@ -115,11 +115,22 @@ class Binding:
             entry_p = [m.num_virtual_tokens for m in self.prefix.entries]
             lengths = self.lengths[device] = checks.trust(self.prefix.lengths(device))
             checks.known(lengths, "min_max", (min(entry_p), max(entry_p)))
-        source = self.ids(batch)
-        ids = checks.trust(source.to(device=device, dtype=torch.int32))
-        if source.numel():  # validated by PrefixBank.ids, read once per source tensor
-            checks.known(ids, "min_max", checks.memo(source, "min_max", lambda: checks.min_max(source)))
+        values = self._row_values(batch)
+        # made from the host list: its range and the row grouping of the backward are known without a read
+        ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
+        if values:
+            checks.known(ids, "min_max", (min(values), max(values)))
+        checks.known(ids, "used_entries", checks.group_rows_host(values, device))
         return {"prefix_ids": ids, "prefix_lengths": lengths}
+
+    def _row_values(self, batch: int) -> List[int]:
+        """This forward's entry per row as a host list: one read per ids tensor (PrefixBank.ids read it already
+        when it checked the range), none under generate() after its first step."""
+        if self.row_ids is None and self.generate_ids is not None:
+            rows = self.generate_ids.shape[0]
+            if rows and batch % rows == 0:  # generate() repeats each row for its beams / return sequences
+                return [v for v in checks.host_list(self.generate_ids) for _ in range(batch // rows)]
+        return checks.host_list(self.ids(batch))
 
     def _versions(self):
         return tuple(p._version for p in self.prefix.parameters())
@@ -167,7 +178,7 @@ class Binding:
 
 
 class HoldForBackward(torch.autograd.Function):
-    """Identity that keeps its input alive for as long as the graph that used it (see ``_Binding``)."""
+    """Identity that keeps its input alive for as long as the graph that used it (see ``Binding``)."""
 
     @staticmethod
     def forward(ctx, kv):

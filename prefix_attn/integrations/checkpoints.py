@@ -1,5 +1,6 @@
 """Checkpoints of an enabled model: ``model.save_pretrained`` (installed by ``enable``, called by every Trainer
-checkpoint) writes what was trained; :func:`load_pretrained` puts it back onto a stock base model.
+checkpoint) writes what was trained; ``load_pretrained`` (``hf_model.py``, with ``enable``) reads it back with the
+helpers here.
 
 A checkpoint directory holds:
 
@@ -17,11 +18,10 @@ from __future__ import annotations
 import json
 import os
 
-from ..bank import PrefixBank
-from ..prefix import PrefixTuning
-from .hf_model import BANK_DIRNAME, PREFIX_FILENAME, enable
 from .trainable import SUBMODULE, set_saved_keys
 
+PREFIX_FILENAME = "prefix.safetensors"
+BANK_DIRNAME = "prefix_bank"
 META_FILENAME = "prefix_attn.json"
 _FORMAT = "prefix_attn.checkpoint/1"
 _MISSING = object()
@@ -49,7 +49,7 @@ def save_pretrained(model, save_directory, *args, is_main_process: bool = True, 
     return result
 
 
-def _meta(path) -> dict:
+def meta(path) -> dict:
     try:
         with open(os.path.join(path, META_FILENAME)) as f:
             return json.load(f)
@@ -57,7 +57,7 @@ def _meta(path) -> dict:
         return {"weights": "full", "modules_to_save": []}
 
 
-def _load_trainable(model, path) -> None:
+def load_trainable(model, path) -> None:
     """The non-prefix tensors of a trainable-only ``model.safetensors`` (the modules_to_save) into ``model``."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -74,50 +74,7 @@ def _load_trainable(model, path) -> None:
     model.load_state_dict(extra, strict=False)
 
 
-def load_pretrained(path, model_class=None, *, model=None, prefix_device=None, freeze_model: bool = True,
-                    ignore_attention_dropout: bool = False, **from_pretrained_kwargs):
-    """Restore a checkpoint of an enabled model (``save_pretrained`` or a Trainer checkpoint) and enable it.
-
-    * ``model`` given: a stock base model (not enabled); the checkpoint's trained tensors and prefix go onto it
-      (PEFT's ``PeftModel.from_pretrained(base_model, path)``).
-    * else: a full checkpoint loads with ``model_class.from_pretrained(path, **from_pretrained_kwargs)`` (default
-      ``transformers.AutoModelForCausalLM``); a trainable-only one loads its base model from the name or path it
-      recorded (``prefix_attn.json``), then its trained tensors.
-    """
-    import transformers
-
-    path = os.fspath(path)
-    prefix_file = os.path.join(path, PREFIX_FILENAME)
-    bank_dir = os.path.join(path, BANK_DIRNAME)
-    if not os.path.isfile(prefix_file) and not os.path.isdir(bank_dir):
-        raise FileNotFoundError(f"{prefix_file} not found: {path} was not saved from a prefix_attn-enabled model")
-    meta = _meta(path)
-    if model_class is None:
-        model_class = transformers.AutoModelForCausalLM
-    if model is not None:
-        if getattr(model, "_prefix_attn_binding", None) is not None:
-            raise ValueError("load_pretrained(model=...) takes the stock base model; this one is enabled already "
-                             "(prefix_attn.disable(model) first)")
-        _load_trainable(model, path)
-    elif meta.get("weights") == "trainable":
-        base = meta.get("base_model_name_or_path") or ""
-        if not base or (os.path.isabs(base) and not os.path.isdir(base)):  # none, or a local path that is gone
-            raise ValueError(f"{path} holds the trained tensors only (the prefix and modules_to_save) and names no "
-                             f"loadable base model ({base!r}); pass model=<the stock base model>")
-        model = model_class.from_pretrained(base, **from_pretrained_kwargs)
-        _load_trainable(model, path)
-    else:
-        model = _from_full_checkpoint(model_class, path, from_pretrained_kwargs)
-    device = next(iter(model.parameters())).device
-    if os.path.isfile(prefix_file):
-        prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
-    else:
-        prefix = PrefixBank.load(bank_dir, device=prefix_device or device)
-    return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout,
-                  modules_to_save=meta.get("modules_to_save") or None, save_full_model=meta.get("weights") == "full")
-
-
-def _from_full_checkpoint(model_class, path, kwargs):
+def from_full_checkpoint(model_class, path, kwargs):
     """``from_pretrained`` of a checkpoint that holds every weight plus ``prefix_attn.*`` tensors, which the
     stock class would report as unexpected: they are expected here (the prefix is loaded separately)."""
     import transformers

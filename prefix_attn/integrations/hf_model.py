@@ -7,12 +7,12 @@ After ``enable(model, prefix)``:
   clipping, ``DistributedDataParallel``, accelerate and ``transformers.Trainer`` see it like any other weight,
   and ``model.state_dict()`` carries it under ``prefix_attn.*`` keys (``prefix_attn.prefix_kv``, or
   ``prefix_attn.embedding.weight`` / ``prefix_attn.transform.{0,2}.{weight,bias}`` with ``projection=True``).
-* the model runs attention through ``attn_implementation="prefix_attn"`` (see ``transformers.py`` here);
-* two hooks on the decoder (the module that runs the layers, usually ``model.base_model``): before its
-  forward, ``position_ids`` are shifted by ``P`` as PEFT does (OPT: counted over the mask, as PEFT's longer
-  mask does) and the prefix K/V of all layers is computed once (one MLP evaluation in projection mode); after
-  it (also when it raises), that K/V is dropped. It is never state that outlives the forward: a deep copy or a
-  pickle of the model at any time carries the prefix parameters only;
+* the model runs attention through ``attn_implementation="prefix_attn"`` (``attention.py``);
+* two hooks on the decoder (the module that runs the layers, usually ``model.base_model``, ``hooks.py``): before
+  its forward, ``position_ids`` are shifted by ``P`` as PEFT does, this forward's values are resolved once and the
+  prefix K/V of all layers is computed once; after it (also when it raises), that K/V is dropped. It is never
+  state that outlives the forward: a deep copy or a pickle of the model at any time carries the prefix
+  parameters only;
 * ``model.save_pretrained(path)`` writes the stock checkpoint (``config.json`` has the stock attention
   implementation) whose ``model.safetensors`` also holds the ``prefix_attn.*`` tensors (so Trainer's
   ``resume_from_checkpoint`` restores the prefix), plus the prefix alone in ``path/prefix.safetensors``
@@ -25,14 +25,15 @@ stays picklable and deep-copyable; ``disable`` removes all of it.
 from __future__ import annotations
 
 import functools
-import inspect
-import weakref
-from typing import Dict, List, Optional
-
-import torch
+import os
+from typing import List, Optional
 
 from ..bank import PrefixBank
 from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
+from . import checkpoints
+from .attention import ATTN_IMPLEMENTATION, register
+from .binding import Binding
+from .hooks import CallHooks, DecoderHooks
 from .model_parts import (
     _kv_out_features,
     _own_config,
@@ -50,258 +51,6 @@ from .trainable import (
     print_trainable_parameters,
     set_saved_keys,
 )
-
-PREFIX_FILENAME = "prefix.safetensors"
-BANK_DIRNAME = "prefix_bank"
-
-
-class _Binding:
-    """Settings of one ``enable`` call, set on the model and on each attention layer.
-
-    A plain object on purpose (not a Module): the prefix is registered once, as ``model.prefix_attn``; this
-    only points at it. ``kv`` (``[L, 2, Hkv, P, D]``) is held while the decoder's forward runs. After it, in
-    projection mode with autograd on, only a weak reference to the graph node that saved it is kept (valid
-    while that graph is alive and the prefix parameters are unchanged), so activation checkpointing recomputes
-    a layer with the very K/V its forward used: a second MLP evaluation inside the recomputed region would not
-    match the saved graph. Neither is ever pickled or deep-copied.
-    """
-
-    def __init__(self, prefix, previous_attn, unfrozen: List[str], ignore_attention_dropout: bool):
-        self.prefix = prefix
-        self.is_bank = isinstance(prefix, PrefixBank)
-        self.row_ids: Optional[torch.Tensor] = None  # a bank: this call's prefix_ids [B] (kept for recompute)
-        self.generate_ids: Optional[torch.Tensor] = None  # a bank inside generate(): the rows before expansion
-        self.packed = None  # (cu_seqlens int32 [S + 1], longest) of a packed one-row batch, for this forward
-        self.seq_idx = None  # the seq_idx of this forward, once checked against the packing
-        self.lengths: Dict[torch.device, torch.Tensor] = {}  # a bank: its entries' lengths, per device
-        self.in_call = False
-        self.previous_attn = previous_attn
-        self.unfrozen = unfrozen  # names of model parameters whose requires_grad enable() turned off
-        self.ignore_attention_dropout = ignore_attention_dropout
-        self.modules_to_save: List[str] = []  # names of model modules kept trainable (saved with the prefix)
-        self.save_full_model = False  # save_pretrained writes every weight (else the trainable ones only)
-        self.previous_ignore = None  # the model's own _keys_to_ignore_on_save, restored by disable
-        self.kv: Optional[torch.Tensor] = None
-        self.kv_after = None  # (weakref to the last forward's kv, parameter versions when it was computed)
-        self.depth = 0  # nested decoder forwards
-        self.handles = []
-        self.attention_modules = []
-
-    def __getstate__(self) -> Dict:
-        state = self.__dict__.copy()
-        state["kv"] = state["kv_after"] = state["row_ids"] = state["generate_ids"] = state["packed"] = None
-        state["seq_idx"] = None
-        state["lengths"] = {}
-        state["depth"] = 0
-        state["in_call"] = False
-        return state
-
-    def set_ids(self, prefix_ids, device) -> None:
-        """Take a call's ``prefix_ids`` (LongTensor [B], or a list of entry numbers / names)."""
-        if prefix_ids is None:
-            self.row_ids = None
-            return
-        if not self.is_bank:
-            raise ValueError("prefix_ids given, but this model is enabled with a single PrefixTuning; enable it "
-                             "with a prefix_attn.PrefixBank to choose a prefix per row")
-        self.row_ids = self.prefix.ids(prefix_ids, device=device)
-
-    def ids(self, batch: int) -> torch.Tensor:
-        if self.row_ids is None and self.generate_ids is not None:
-            rows = self.generate_ids.shape[0]
-            if rows and batch % rows == 0:  # generate() repeats each row for its beams / return sequences
-                return self.generate_ids.repeat_interleave(batch // rows)
-        if self.row_ids is None:
-            raise ValueError(f"this model is enabled with a PrefixBank ({len(self.prefix)} entries): pass "
-                             f"prefix_ids=... (a LongTensor [batch] or a list of entry names) to the call or to "
-                             f"generate()")
-        if self.row_ids.shape[0] != batch:
-            raise ValueError(f"prefix_ids has {self.row_ids.shape[0]} entries but the batch has {batch} rows "
-                             f"(with num_beams or num_return_sequences, pass prefix_ids as a tensor so generate() "
-                             f"expands it)")
-        return self.row_ids
-
-    def offsets(self, batch: int, device):
-        """The position shift of each row: its own prefix length (PEFT's, per adapter); an int for one prefix."""
-        if not self.is_bank:
-            return self.num_virtual_tokens
-        return self.bank_args(batch, device)["prefix_lengths"].long()[self.ids(batch).to(device)][:, None]
-
-    def bank_args(self, batch: int, device) -> Dict:
-        """prefix_ids / prefix_lengths for prefix_attention, {} for one prefix."""
-        if not self.is_bank:
-            return {}
-        lengths = self.lengths.get(device)
-        if lengths is None:  # one host-to-device copy per device, not one per layer and forward
-            lengths = self.lengths[device] = self.prefix.lengths(device)
-        return {"prefix_ids": self.ids(batch).to(device), "prefix_lengths": lengths}
-
-    def _versions(self):
-        return tuple(p._version for p in self.prefix.parameters())
-
-    def begin_forward(self) -> None:
-        if self.depth == 0:
-            kv = self.prefix.key_value(self.attention_modules)
-            self.kv_after = None
-            if kv.grad_fn is not None and not torch.compiler.is_compiling():
-                kv = _HoldForBackward.apply(kv)
-                self.kv_after = (weakref.ref(kv.grad_fn), self._versions())
-            self.kv = kv
-        self.depth += 1
-
-    def end_forward(self) -> None:
-        self.depth = max(self.depth - 1, 0)
-        if self.depth == 0:
-            self.kv = None
-
-    def _kv_of_graph(self) -> Optional[torch.Tensor]:
-        """The K/V the last forward computed, while its graph holds it and the parameters are unchanged."""
-        if self.kv_after is None:
-            return None
-        ref, versions = self.kv_after
-        node = ref()
-        if node is None or versions != self._versions():
-            return None
-        try:
-            return node.saved_tensors[0]
-        except RuntimeError:  # the graph was freed by backward
-            return None
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.prefix.num_virtual_tokens
-
-    def key_value(self, layer_idx: int):
-        """``([Hkv, P, D], [Hkv, P, D])`` of one layer: the K/V of the running forward, or computed now (an
-        attention layer called on its own, or recomputed by activation checkpointing after the forward)."""
-        kv = self.kv if self.kv is not None else self._kv_of_graph()
-        if kv is None:
-            kv = self.prefix.key_value(self.attention_modules)
-        kv = kv[layer_idx]
-        return kv[0], kv[1]
-
-
-class _HoldForBackward(torch.autograd.Function):
-    """Identity that keeps its input alive for as long as the graph that used it (see ``_Binding``)."""
-
-    @staticmethod
-    def forward(ctx, kv):
-        ctx.save_for_backward(kv)
-        return kv.view_as(kv)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-_SIGNATURES: Dict[type, List[str]] = {}
-
-
-class _DecoderHooks:
-    """Forward pre-hook and post-hook of the decoder; a module-level class so the model pickles."""
-
-    def __init__(self, binding: _Binding, mask_positions: bool = False):
-        self.binding = binding
-        self.mask_positions = mask_positions  # OPT: positions counted over the attention mask
-
-    def before(self, module, args, kwargs):
-        if args:  # bind positionals by name so position_ids can be read and replaced
-            names = _SIGNATURES.get(type(module))
-            if names is None:
-                names = _SIGNATURES.setdefault(type(module), list(inspect.signature(module.forward).parameters))
-            kwargs = {**dict(zip(names, args)), **kwargs}
-            args = ()
-        position_ids = kwargs.get("position_ids")
-        mask = kwargs.get("attention_mask")
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if "prefix_ids" in kwargs or not self.binding.in_call:  # the decoder called directly
-            self.binding.set_ids(kwargs.pop("prefix_ids", None), tokens.device)
-        cache = _cache_of(kwargs)
-        self.binding.packed = _packed_sequences(position_ids, mask, cache)
-        seq_idx = kwargs.get("seq_idx")
-        self.binding.seq_idx = None
-        if seq_idx is not None:  # TRL packing: checked here once, not in every layer
-            from .transformers import check_seq_idx  # noqa: PLC0415
-
-            check_seq_idx(seq_idx, self.binding.packed, tokens.shape[0], tokens.shape[1])
-            self.binding.seq_idx = seq_idx
-        if self.binding.packed is not None and self.binding.is_bank:
-            raise NotImplementedError("packed sequences (position_ids restarting inside a row) with a PrefixBank: "
-                                      "not supported; pad the batch instead")
-        # one prefix: P; a bank: each row's own entry length, [B, 1]
-        num_prefix = self.binding.offsets(tokens.shape[0], tokens.device)
-        if position_ids is not None:
-            # PEFT: the prefix occupies positions 0..P-1, so given positions are shifted by P
-            kwargs["position_ids"] = position_ids + num_prefix
-        else:
-            past = cache.get_seq_length() if cache is not None else 0
-            if self.mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                # OPT counts positions over its 2-D mask (cumsum(mask) * mask - 1); under PEFT that mask starts
-                # with P ones and the cache with P slots: real tokens at P + cumsum - 1, pads at -1
-                m = mask.long()
-                kwargs["position_ids"] = ((m.cumsum(-1) + num_prefix) * m - 1)[:, past:]
-            else:
-                # what the stock model does when position_ids is None, plus PEFT's shift by P
-                kwargs["position_ids"] = (torch.arange(tokens.shape[1], device=tokens.device)
-                                          + past).unsqueeze(0) + num_prefix
-        self.binding.begin_forward()  # once per forward, outside any checkpointed layer
-        return args, kwargs
-
-    def after(self, module, args, output):
-        self.binding.end_forward()
-        return None
-
-
-def _cache_of(kwargs):
-    """The KV cache of a decoder call: ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before; still
-    accepted, deprecated, by 5.24)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-def _packed_sequences(position_ids, mask, cache):
-    """(cu_seqlens, longest) when one row packs several examples (transformers' DataCollatorWithFlattening:
-    position_ids restarting at 0, no attention mask, no cache), else None."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or mask is not None:
-        return None
-    if cache is not None and cache.get_seq_length() > 0:
-        return None
-    pos = position_ids[0]
-    starts = (pos == 0).nonzero().flatten()
-    if starts.numel() <= 1 and (starts.numel() == 0 or int(starts[0]) == 0):
-        return None  # one example: the padded path is the same
-    total = pos.numel()
-    if int(starts[0]) != 0:
-        raise ValueError("packed position_ids must start at 0 for the first example")
-    bounds = torch.cat([starts, torch.tensor([total], device=starts.device)])
-    lengths = bounds[1:] - bounds[:-1]
-    expected = torch.cat([torch.arange(int(n), device=pos.device) for n in lengths.tolist()])
-    if not torch.equal(pos, expected):
-        raise ValueError("packed position_ids must count 0, 1, 2, ... within each example")
-    return bounds.to(torch.int32), int(lengths.max())
-
-
-class _CallHooks:
-    """Forward pre-hook and post-hook of the model itself: take ``prefix_ids`` out of the call's kwargs (the
-    model's own forward never sees it), so it reaches the decoder hook and the attention layers."""
-
-    def __init__(self, binding: _Binding):
-        self.binding = binding
-
-    def before(self, module, args, kwargs):
-        if self.binding.in_call:
-            return None
-        device = next(iter(module.parameters())).device
-        self.binding.set_ids(kwargs.pop("prefix_ids", None), device)
-        self.binding.in_call = True
-        return args, kwargs
-
-    def after(self, module, args, output):
-        self.binding.in_call = False
-        return None
-
 
 # ---------------------------------------------------------------------------------------------- enable
 def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False,
@@ -332,8 +81,6 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
 
     Calling ``enable`` on an enabled model replaces its prefix.
     """
-    from . import transformers as hf
-
     if not isinstance(prefix, (PrefixTuning, PrefixBank)):
         raise TypeError(f"prefix must be a prefix_attn.PrefixTuning or PrefixBank, got {type(prefix).__name__}")
     _refuse_peft(model)
@@ -366,7 +113,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
             m.bind(modules)
     runner = _runner(model, modules)
     mask_positions = _position_rule(runner)
-    hf.register()
+    register()
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else next(iter(prefix.parameters())).device
     if any(p.device != device for p in prefix.parameters()):
@@ -383,27 +130,25 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    binding = _Binding(prefix, previous, unfrozen, ignore_attention_dropout)
+    binding = Binding(prefix, previous, unfrozen, ignore_attention_dropout)
     binding.modules_to_save, binding.save_full_model = saved, bool(save_full_model)
-    model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
-    if config._attn_implementation != hf.ATTN_IMPLEMENTATION:
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if config._attn_implementation != ATTN_IMPLEMENTATION:
         _restore(model, binding)
-        raise RuntimeError(f"{type(model).__name__} refused attn_implementation='{hf.ATTN_IMPLEMENTATION}' "
+        raise RuntimeError(f"{type(model).__name__} refused attn_implementation='{ATTN_IMPLEMENTATION}' "
                            f"(its attention does not go through transformers' AttentionInterface)")
     model.add_module(SUBMODULE, prefix)
     for m in modules:
         m._prefix_attn_binding = binding
     binding.attention_modules = modules  # in layer order: what a hidden-state prefix projects through
-    hooks = _DecoderHooks(binding, mask_positions)
-    calls = _CallHooks(binding)
+    hooks = DecoderHooks(binding, mask_positions)
+    calls = CallHooks(binding)
     binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),
                        model.register_forward_hook(calls.after, always_call=True),
                        runner.register_forward_pre_hook(hooks.before, with_kwargs=True),
                        runner.register_forward_hook(hooks.after, always_call=True)]
     model._prefix_attn_binding = binding
-    from .checkpoints import save_pretrained  # noqa: PLC0415 - it imports this module
-
-    model.save_pretrained = functools.partial(save_pretrained, model)
+    model.save_pretrained = functools.partial(checkpoints.save_pretrained, model)
     model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
     model.get_nb_trainable_parameters = functools.partial(get_nb_trainable_parameters, model)
     binding.previous_ignore = model.__dict__.get("_keys_to_ignore_on_save", _NOT_SET)
@@ -411,6 +156,49 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     if binding.is_bank and hasattr(model, "generate"):
         model.generate = functools.partial(generate, model)
     return model
+
+
+def load_pretrained(path, model_class=None, *, model=None, prefix_device=None, freeze_model: bool = True,
+                    ignore_attention_dropout: bool = False, **from_pretrained_kwargs):
+    """Restore a checkpoint of an enabled model (``save_pretrained`` or a Trainer checkpoint) and enable it.
+
+    * ``model`` given: a stock base model (not enabled); the checkpoint's trained tensors and prefix go onto it
+      (PEFT's ``PeftModel.from_pretrained(base_model, path)``).
+    * else: a full checkpoint loads with ``model_class.from_pretrained(path, **from_pretrained_kwargs)`` (default
+      ``transformers.AutoModelForCausalLM``); a trainable-only one loads its base model from the name or path it
+      recorded (``prefix_attn.json``), then its trained tensors.
+    """
+    import transformers
+
+    path = os.fspath(path)
+    prefix_file = os.path.join(path, checkpoints.PREFIX_FILENAME)
+    bank_dir = os.path.join(path, checkpoints.BANK_DIRNAME)
+    if not os.path.isfile(prefix_file) and not os.path.isdir(bank_dir):
+        raise FileNotFoundError(f"{prefix_file} not found: {path} was not saved from a prefix_attn-enabled model")
+    meta = checkpoints.meta(path)
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    if model is not None:
+        if getattr(model, "_prefix_attn_binding", None) is not None:
+            raise ValueError("load_pretrained(model=...) takes the stock base model; this one is enabled already "
+                             "(prefix_attn.disable(model) first)")
+        checkpoints.load_trainable(model, path)
+    elif meta.get("weights") == "trainable":
+        base = meta.get("base_model_name_or_path") or ""
+        if not base or (os.path.isabs(base) and not os.path.isdir(base)):  # none, or a local path that is gone
+            raise ValueError(f"{path} holds the trained tensors only (the prefix and modules_to_save) and names no "
+                             f"loadable base model ({base!r}); pass model=<the stock base model>")
+        model = model_class.from_pretrained(base, **from_pretrained_kwargs)
+        checkpoints.load_trainable(model, path)
+    else:
+        model = checkpoints.from_full_checkpoint(model_class, path, from_pretrained_kwargs)
+    device = next(iter(model.parameters())).device
+    if os.path.isfile(prefix_file):
+        prefix = PrefixTuning.load(prefix_file, device=prefix_device or device)
+    else:
+        prefix = PrefixBank.load(bank_dir, device=prefix_device or device)
+    return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout,
+                  modules_to_save=meta.get("modules_to_save") or None, save_full_model=meta.get("weights") == "full")
 
 
 def generate(model, *args, prefix_ids=None, **kwargs):
@@ -424,7 +212,7 @@ def generate(model, *args, prefix_ids=None, **kwargs):
         binding.generate_ids = None
 
 
-def _restore(model, binding: _Binding) -> None:
+def _restore(model, binding: Binding) -> None:
     params = dict(model.named_parameters())
     for name in binding.unfrozen:
         if name in params:

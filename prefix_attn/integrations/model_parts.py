@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from ..hidden import attention_modules  # noqa: F401  (re-exported)
+
 _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
                     "CPT")
 
@@ -40,18 +42,6 @@ def _position_rule(runner) -> bool:
             f"{type(runner).__name__} derives positions from the token ids (pad tokens skipped); prefix_attn "
             f"does not reproduce PEFT's prefix offset for that rule")
     return False
-
-
-def attention_modules(model) -> list:
-    """The model's self-attention modules (those with an int ``layer_idx``), in layer order."""
-    mods = []
-    for name, m in model.named_modules():
-        if not type(m).__name__.endswith("Attention") or not isinstance(getattr(m, "layer_idx", None), int):
-            continue
-        if getattr(m, "is_cross_attention", False):
-            raise NotImplementedError(f"{name}: cross-attention layers are not supported by prefix_attn")
-        mods.append(m)
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def _kv_out_features(module) -> Optional[int]:

@@ -20,292 +20,31 @@ How, without copying any model code:
   each attention layer finds it by ``layer_idx``. The prefix is never written to the KV cache, never expanded
   over the batch and never concatenated with the text.
 
+The package, by role (every import points down the list)::
+
+    attention.py     the attention and mask functions registered under "prefix_attn", the release check
+    binding.py       Binding: the settings of one enable call and the values resolved once per forward
+    hooks.py         the model's and the decoder's forward hooks (positions, packing, prefix K/V per forward)
+    checkpoints.py   save_pretrained of an enabled model and the checkpoint format
+    hf_model.py      enable, disable, load_pretrained, generate with a bank
+    transformers.py  this front door (re-exports)
+
 The two registrations are made by the first ``enable`` call, never at import; they do nothing for models that
 do not ask for ``"prefix_attn"``. See docs/huggingface.md for the PEFT conventions mirrored and the limits.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
-
-import torch
-from packaging.version import Version
-
-from ..ops import prefix_attention
-from ..varlen import prefix_attention_varlen
-
-try:
-    import transformers  # noqa: F401
-    from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        AttentionMaskInterface,
-        causal_mask_function,
-        prepare_padding_mask,
-        sdpa_mask,
-    )
-    from transformers.utils.generic import TransformersKwargs
-    from transformers.utils.import_utils import is_tracing
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
-    ) from exc
+from .attention import (  # noqa: F401  (re-exported)
+    ATTN_IMPLEMENTATION,
+    TESTED_TRANSFORMERS,
+    check_seq_idx,
+    check_version,
+    prefix_attention_forward,
+    prefix_attention_mask,
+    register,
+)
+from .hf_model import disable, enable, is_enabled, load_pretrained  # noqa: F401  (re-exported)
 
 __all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "enable", "disable", "is_enabled",
            "load_pretrained", "prefix_attention_forward", "prefix_attention_mask", "register"]
-
-ATTN_IMPLEMENTATION = "prefix_attn"
-# The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
-# (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
-TESTED_TRANSFORMERS = ("5.23", "5.24")
-_warned_version = []
-
-
-def _minor(version: str):
-    return Version(version).release[:2]  # "5.24.0.dev0" -> (5, 24)
-
-
-def check_version(version: Optional[str] = None) -> bool:
-    """True if transformers (``version``, default the installed one) is within TESTED_TRANSFORMERS; else warn
-    once per process, naming the tested range, and return False."""
-    version = transformers.__version__ if version is None else version
-    oldest, newest = (_minor(v) for v in TESTED_TRANSFORMERS)
-    if oldest <= _minor(version) <= newest:
-        return True
-    if not _warned_version:
-        _warned_version.append(version)
-        warnings.warn(f"prefix_attn is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
-                      f" (inclusive); this is {version}. Releases rename model arguments (5.24 renamed "
-                      f"past_key_values to cache): check the results, or install a tested release", UserWarning,
-                      stacklevel=3)
-    return False
-
-
-# ---------------------------------------------------------------------------------------------- masks
-def _require(ok: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the bool tensor ``ok`` is True. Traced (torch.compile): no
-    data-dependent Python branch, a runtime assert inside the graph instead."""
-    if is_tracing(ok):
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
-
-
-def _key_mask_from_4d(mask: torch.Tensor, len_q: int, len_k: int) -> Optional[torch.Tensor]:
-    """``[batch, heads or 1, len_q, len_k]`` bool (True = attend) or additive float mask -> ``[batch,
-    len_k]`` bool key mask, if the 4-D mask is exactly "bottom-right causal AND key padding"; otherwise
-    ValueError."""
-    if mask.dtype == torch.bool:
-        allowed = mask
-    elif not mask.dtype.is_floating_point:
-        allowed = mask != 0
-    else:
-        allowed = mask > torch.finfo(mask.dtype).min / 2
-        _require(~(allowed & (mask != 0)).any(), "prefix_attn cannot apply an additive attention bias (a float "
-                 "mask with values other than 0 and -inf)")
-    if allowed.dim() != 4 or allowed.shape[-2:] != (len_q, len_k):
-        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not match len_q={len_q}, "
-                         f"len_k={len_k}")
-    if allowed.shape[1] != 1:
-        _require((allowed == allowed[:, :1]).all(), "prefix_attn takes one key mask for all heads; got a "
-                 "per-head attention mask")
-    allowed = allowed[:, 0]
-    # the last query sits at the last position: under causal it sees every unpadded key
-    keys = allowed[:, -1, :]
-    qpos = torch.arange(len_q, device=mask.device) + (len_k - len_q)
-    causal = torch.arange(len_k, device=mask.device)[None, :] <= qpos[:, None]
-    _require((allowed == (causal[None] & keys[:, None, :])).all(),
-             "prefix_attn supports causal attention with a key padding mask only; this mask has another pattern "
-             "(packed sequences restarting position_ids inside a row, a custom 4-D mask, a sliding window shorter "
-             "than the sequence, ...)")
-    if not is_tracing(keys) and bool(keys.all()):
-        return None
-    return keys
-
-
-def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                          mask_function=causal_mask_function, attention_mask=None, **kwargs):
-    """Mask function registered for ``"prefix_attn"``: returns a ``[batch, kv_length]`` bool key mask, or
-    None.
-
-    transformers calls it once per forward with the 2-D padding mask it was given (already bool), the cache
-    sizes and the mask pattern. Plain causal takes a fast path (no ``[len_q, len_k]`` tensor is built); any
-    other pattern is evaluated and accepted only if it is causal + padding in the end (e.g. a sliding window
-    longer than the sequence).
-    """
-    q_offset = int(q_offset)
-    kv_offset = int(kv_offset)
-    if q_offset + q_length != kv_offset + kv_length:
-        raise ValueError(f"prefix_attn needs the queries to be the last keys (a DynamicCache or no cache); "
-                         f"got q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, "
-                         f"kv_length={kv_length} (a StaticCache or another preallocated cache?)")
-    if mask_function is causal_mask_function:
-        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-        if padding is None:
-            return None
-        padding = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-        # eager: skip an all-visible mask (no per-key reads in the kernel); traced (torch.compile): no
-        # data-dependent branch, the mask is passed as it is
-        if not is_tracing(padding) and bool(padding.all()):
-            return None
-        return padding
-    full = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
-                     device=kwargs.get("device", "cpu"))
-    full = full.expand(batch_size, -1, -1, -1)
-    if is_tracing(full):
-        return _key_mask_from_4d(full, q_length, kv_length)
-    try:  # reduced once per forward, not in every layer
-        return _key_mask_from_4d(full, q_length, kv_length)
-    except ValueError:  # not causal + padding: a packed row (checked against its examples) or refused, in attention
-        return full
-
-
-# ---------------------------------------------------------------------------------------------- attention
-# kwargs a model may pass to its attention function. Honoured: softcap (in the kernels), sliding_window (while
-# P + keys fit in it), is_causal=True, dropout (in the kernels, unless enable(..., ignore_attention_dropout=True)),
-# scaling. Carried along by the
-# model and meaningless here: the _INERT ones. Anything else with a value other than None / False is refused
-# by name: an op that ignored an attention sink, a bias or packed-sequence boundaries would be silently wrong.
-_NAMED_REFUSALS = {
-    "s_aux": "attention sinks (s_aux)",
-    "sinks": "attention sinks",
-    "head_mask": "a head mask",
-    "attention_bias": "an additive attention bias",
-    "alibi": "ALiBi position biases",
-}
-# transformers' own pass-through kwargs (TransformersKwargs: num_items_in_batch from Trainer, output_* flags, ...)
-# plus what decoder layers forward; the packed-sequence ones among them are refused above when they carry a value
-_INERT = frozenset(set(getattr(TransformersKwargs, "__optional_keys__", ())) | {
-    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value", "cache",
-    "layer_idx", "position_embeddings", "return_dict", "output_hidden_states", "token_type_ids", "prefix_ids",
-}) - set(_NAMED_REFUSALS) - {"is_causal"}
-
-
-def _refuse_unhandled(module, kwargs) -> None:
-    for name, value in kwargs.items():
-        if name in _INERT or name in ("softcap", "sliding_window", "is_causal") or value is None or value is False:
-            continue
-        what = _NAMED_REFUSALS.get(name, f"the attention argument {name!r}")
-        raise NotImplementedError(f"{type(module).__name__} passes {what} to its attention function; prefix_attn "
-                                  f"does not implement it and will not ignore it")
-    if kwargs.get("is_causal") is False:
-        raise NotImplementedError(f"{type(module).__name__} asks for non-causal (bidirectional) attention "
-                                  f"(is_causal=False); prefix_attn supports causal self-attention only")
-
-
-def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (text only,
-    from the cache when decoding) -> ``([B, Tq, Hq, D], None)``. The prefix of ``module.layer_idx`` is added
-    inside ``prefix_attention``; GQA K/V are passed with their own head count, never repeated."""
-    binding = getattr(module, "_prefix_attn_binding", None)
-    if binding is None:
-        raise RuntimeError(f"{type(module).__name__} runs attn_implementation='{ATTN_IMPLEMENTATION}' but "
-                           f"has no prefix; call prefix_attn.enable(model, prefix)")
-    # the model's own attention dropout (GPT-2 attn_pdrop, Llama-family attention_dropout; 0 in eval mode),
-    # applied in the kernels to the whole row, prefix columns included, as the stock attention does
-    dropout_p = 0.0 if binding.ignore_attention_dropout else float(dropout or 0.0)
-    if not getattr(module, "is_causal", True):
-        raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
-    packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
-    seq_idx = kwargs.pop("seq_idx", None)
-    if seq_idx is not None and seq_idx is not binding.seq_idx:  # checked once per forward by the decoder hook
-        check_seq_idx(seq_idx, packed, query.shape[0], query.shape[2])
-    _refuse_unhandled(module, kwargs)
-    softcap = kwargs.get("softcap") or 0.0
-    pk, pv = binding.key_value(module.layer_idx)
-    if pk.dtype != query.dtype or pk.device != query.device:
-        # half-precision models: the prefix is kept in its own (float32) dtype and cast here, differentiably
-        pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
-    len_q, len_k = query.shape[2], key.shape[2]
-    window = kwargs.get("sliding_window")
-    if window is not None and binding.num_virtual_tokens + len_k > window:
-        raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys "
-                                  f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
-                                  "window")
-    if packed is not None:
-        return _packed_attention(query, key, value, pk, pv, attention_mask, packed, scaling, softcap,
-                                 dropout_p), None
-    mask = attention_mask
-    if mask is not None:
-        if mask.dim() == 4:
-            mask = _key_mask_from_4d(mask, len_q, len_k)
-        elif mask.dim() != 2 or tuple(mask.shape) != (query.shape[0], len_k):
-            raise ValueError(f"prefix_attn got an attention mask of shape {tuple(mask.shape)}; expected "
-                             f"[batch={query.shape[0]}, len_k={len_k}]")
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(torch.bool)
-    out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
-                           softcap=float(softcap), dropout_p=dropout_p,
-                           **binding.bank_args(query.shape[0], query.device))
-    return out.transpose(1, 2), None
-
-
-def _flash_packing(kwargs, packed):
-    """The packing of this forward: from the flash-attention kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``,
-    popped from ``kwargs``) if the model passes them, else what the decoder hook found in ``position_ids``."""
-    cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
-    max_q, max_k = kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
-    if cu_q is None and cu_k is None:
-        return packed
-    if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k) or (max_q is not None and max_q != max_k):
-        raise NotImplementedError("prefix_attn supports packed sequences in self-attention only: cu_seq_lens_q and "
-                                  "cu_seq_lens_k must be equal")
-    cu = cu_q.to(torch.int32)
-    if packed is not None and not torch.equal(packed[0].to(cu.device), cu):
-        raise ValueError("cu_seq_lens_q does not match the examples that position_ids mark")
-    longest = int(max_q) if max_q is not None else int((cu[1:] - cu[:-1]).max())
-    return cu, longest
-
-
-def check_seq_idx(seq_idx: torch.Tensor, packed, batch: int, length: int) -> None:
-    """``seq_idx [batch, length]`` (TRL's and ``DataCollatorWithFlattening(return_seq_idx=True)``'s example index
-    of every token) must say what the packing says: 0, 1, ... S-1 over the examples that position_ids (or
-    cu_seq_lens) mark in a packed row, one value per row otherwise. Raise ValueError naming seq_idx if not."""
-    if seq_idx.dim() != 2 or tuple(seq_idx.shape) != (batch, length):
-        raise ValueError(f"seq_idx must be [batch={batch}, length={length}], got shape {tuple(seq_idx.shape)}")
-    if packed is not None:
-        cu = packed[0].to(seq_idx.device).long()
-        want = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=seq_idx.device), cu[1:] - cu[:-1])
-        _require((seq_idx[0].long() == want).all(), "seq_idx does not match the packed examples that position_ids "
-                 "(or cu_seq_lens) mark: prefix_attn follows the packing, and refuses a seq_idx that says otherwise")
-    else:
-        _require((seq_idx == seq_idx[:, :1]).all(), "seq_idx marks several sequences in a row, but position_ids "
-                 "do not restart there: pass position_ids counting 0, 1, ... within each packed example")
-
-
-def _packed_attention(query, key, value, pk, pv, mask, packed, scaling, softcap, dropout_p):
-    """One row of packed examples -> prefix_attention_varlen; a 4-D mask, if the model built one, must be the
-    block-diagonal causal mask of those examples (anything else is refused)."""
-    cu, longest = packed
-    cu = cu.to(query.device)
-    total = query.shape[2]
-    if query.shape[0] != 1 or key.shape[2] != total:
-        raise ValueError("packed sequences need one row and no cache")
-    if mask is not None:
-        if mask.dim() != 4:
-            raise ValueError(f"packed sequences with a {mask.dim()}-D attention mask are not supported")
-        allowed = mask if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2
-                                                          if mask.dtype.is_floating_point else mask != 0)
-        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long())
-        pos = torch.arange(total, device=cu.device)
-        want = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-        _require((allowed[0] == want).all(), "prefix_attn: the model's mask for this packed row is not the "
-                 "block-diagonal causal mask of its examples")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D] views
-    out = prefix_attention_varlen(q, k, v, pk, pv, cu, cu, longest, longest, causal=True, softmax_scale=scaling,
-                                  softcap=float(softcap), dropout_p=dropout_p)
-    return out.unsqueeze(0)  # [1, total, Hq, D]
-
-
-def register() -> None:
-    """Register the attention and mask functions under ``"prefix_attn"`` (idempotent); warn once if this
-    transformers release is outside the tested range."""
-    check_version()
-    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
-
-
-from .checkpoints import load_pretrained  # noqa: E402  (re-exported)
-from .hf_model import disable, enable, is_enabled  # noqa: E402  (re-exported)

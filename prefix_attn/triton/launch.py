@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import triton
 
-from .. import dropout
+from .. import checks, dropout
 from . import tuning
 from .kernels import LOG2E, _prefix_attn_bwd_preprocess_kernel, _prefix_attn_fwd_kernel
 from .kernels_bwd import (
@@ -141,8 +141,11 @@ class _Bank:
         self.k = prefix_k.unsqueeze(0) if self.shared else prefix_k
         self.v = prefix_v.unsqueeze(0) if self.shared else prefix_v
         self.entries, self.num_prefix = self.k.shape[0], self.k.shape[2]
-        self.ids = None if self.shared else prefix_ids.to(torch.int32).contiguous()
-        self.lengths = None if prefix_lengths is None else prefix_lengths.to(torch.int32).contiguous()
+        # the same ids / lengths tensors in every layer of a forward: converted (and grouped) once
+        self.ids = None if self.shared else checks.memo(prefix_ids, "int32", lambda: _int32(prefix_ids))
+        self.lengths = (None if prefix_lengths is None
+                        else checks.memo(prefix_lengths, "int32", lambda: _int32(prefix_lengths)))
+        self.source_ids = prefix_ids
         self.ids_arg = q if self.ids is None else self.ids
         self.lengths_arg = q if self.lengths is None else self.lengths
 
@@ -155,12 +158,12 @@ class _Bank:
     def used_entries(self):
         """(entry [U], row_start [U], row_count [U], rows [B], the largest count): int32 tensors of the entries
         some row chose, ascending, and the batch rows grouped by entry (stable, so each entry's rows stay in batch
-        order)."""
-        entry, inverse, count = torch.unique(self.ids, sorted=True, return_inverse=True, return_counts=True)
-        rows = torch.sort(inverse, stable=True).indices
-        start = torch.cumsum(count, 0) - count
-        return (entry.to(torch.int32), start.to(torch.int32), count.to(torch.int32), rows.to(torch.int32),
-                int(count.max()) if count.numel() else 0)
+        order). One host read per ids tensor (memoised), not one per layer."""
+        return checks.memo(self.source_ids, "used_entries", lambda: checks.group_rows(self.ids))
+
+
+def _int32(t):
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 
 
 class _Dropout:

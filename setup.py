@@ -5,15 +5,46 @@
 
 ``--no-build-isolation`` makes the build use the torch already installed (the extension must match it);
 without it pip would fetch a second torch into a temporary build environment.
+
+The sources and flags come from ``prefix_attn/build_config.py`` (read by path: the package is not importable
+while it is being built), the same configuration the JIT loader uses. A wheel carries a copy of ``csrc/`` as
+``prefix_attn/_csrc/`` (``build_py`` below), so the JIT fallback works from an installed wheel too; the sdist
+carries ``csrc/`` itself (MANIFEST.in).
 """
 
 import glob
+import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+def _build_config():
+    spec = importlib.util.spec_from_file_location("_prefix_attn_build_config",
+                                                  os.path.join(HERE, "prefix_attn", "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+config = _build_config()
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/*.cpp and *.h into the package as prefix_attn/_csrc/."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "prefix_attn", "_csrc")
+        os.makedirs(target, exist_ok=True)
+        for path in config.sources(CSRC) + config.headers(CSRC):
+            shutil.copy2(path, target)
 
 
 def native_extension():
@@ -28,15 +59,14 @@ def native_extension():
               f"(it is JIT-compiled on first use)", file=sys.stderr)
         return [], {}
     # relative source paths (setuptools requires them), absolute include path
-    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-    cflags, ldflags = ["-O3"], []
-    if sys.platform.startswith("linux"):  # OpenMP, as torch's own build: at::parallel_for needs it
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    ext = CppExtension("prefix_attn._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                       extra_compile_args={"cxx": cflags}, extra_link_args=ldflags)
+    sources = [os.path.relpath(p, HERE) for p in config.sources(CSRC)]
+    cflags, ldflags = config.flags()
+    ext = CppExtension(config.EXTENSION, sources, include_dirs=[CSRC], extra_compile_args={"cxx": cflags},
+                       extra_link_args=ldflags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extension()
+cmdclass["build_py"] = BuildPyWithSources
+assert glob.glob(os.path.join(CSRC, "*.cpp")), f"no C++ sources in {CSRC}"
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

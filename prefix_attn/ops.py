@@ -20,6 +20,7 @@ sees no key.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -39,17 +40,20 @@ def _pick_backend(q: torch.Tensor, backend: Optional[str]) -> str:
     return backends.resolve(q.device.type, backend)
 
 
-def _autocast_inputs(q, k, v, prefix_k, prefix_v):
+def autocast_inputs(q, k, v, prefix_k, prefix_v):
     """Under ``torch.autocast`` on q's device type: q, k, v and the prefix cast to the autocast dtype (floating
-    tensors other than float64), as SDPA's inputs are, and True; else the tensors unchanged and False. Under
-    autocast RoPE promotes q and k to float32 while v stays 16-bit; the casts are differentiable, so every
-    gradient (the prefix's too) comes back in its input's own dtype."""
-    device_type = q.device.type
+    tensors other than float64), as SDPA's inputs are, and a context that turns autocast off for the op; else the
+    tensors unchanged and a null context. Under autocast RoPE promotes q and k to float32 while v stays 16-bit;
+    the casts are differentiable, so every gradient (the prefix's too) comes back in its input's own dtype. The
+    front doors call it before their checks (which then see one dtype)."""
+    tensors = (q, k, v, prefix_k, prefix_v)
+    device_type = q.device.type if isinstance(q, torch.Tensor) else None
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return (q, k, v, prefix_k, prefix_v), False
+        return tensors, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in (q, k, v, prefix_k, prefix_v)), True
+    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+    return cast, torch.autocast(device_type, enabled=False)  # the kernels run in the cast dtype
 
 
 def _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_q, cu_k, max_q, max_k) -> None:
@@ -145,16 +149,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
 def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, prefix_lengths=None,
           cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=True, softmax_scale=None,
           softcap=0.0, dropout_p=0.0, dropout_seed=None, backend=None) -> torch.Tensor:
-    """What both front doors run after their shape checks: the autocast casts, dropout, the backend, the softmax
+    """What both front doors run after their autocast casts and shape checks: dropout, the backend, the softmax
     scale, then the reference or the autograd Function."""
-    (q, k, v, prefix_k, prefix_v), autocast = _autocast_inputs(q, k, v, prefix_k, prefix_v)
-    if autocast:  # the kernels run in the cast dtype; nothing inside is re-cast by autocast
-        with torch.autocast(q.device.type, enabled=False):
-            return apply(q, k, v, prefix_k, prefix_v, attention_mask=attention_mask, prefix_ids=prefix_ids,
-                         prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-                         softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                         backend=backend)
     packed = cu_seqlens_q is not None
     dropout_p, seed = _dropout.prepare(dropout_p, dropout_seed, q.device)
     backend = _pick_backend(q, backend)
@@ -242,8 +238,10 @@ def prefix_attention(
     Gradients flow to all five tensors; the prefix gradients are summed over the batch rows (with a bank:
     each entry's gradient over the rows that chose it, zero for entries no row chose), deterministically.
     """
+    (q, k, v, prefix_k, prefix_v), scope = autocast_inputs(q, k, v, prefix_k, prefix_v)
     checks.check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids,
                         prefix_lengths)
-    return apply(q, k, v, prefix_k, prefix_v, attention_mask=attention_mask, prefix_ids=prefix_ids,
-                 prefix_lengths=prefix_lengths, causal=causal, softmax_scale=softmax_scale, softcap=softcap,
-                 dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend)
+    with scope:
+        return apply(q, k, v, prefix_k, prefix_v, attention_mask=attention_mask, prefix_ids=prefix_ids,
+                     prefix_lengths=prefix_lengths, causal=causal, softmax_scale=softmax_scale, softcap=softcap,
+                     dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend)

@@ -44,9 +44,11 @@ def prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlen
     tensors, the prefix gradients summed over the sequences. ``dropout_p`` / ``dropout_seed`` as in
     ``prefix_attention``, sequence ``s`` taking the place of batch row ``s`` in the dropout mask.
     """
+    (q, k, v, prefix_k, prefix_v), scope = ops.autocast_inputs(q, k, v, prefix_k, prefix_v)
     checks.check_packed(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         softmax_scale, softcap, prefix_ids, prefix_lengths)
-    return ops.apply(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                     max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale, softcap=softcap,
-                     dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend)
+    with scope:
+        return ops.apply(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lengths=prefix_lengths,
+                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                         max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale, softcap=softcap,
+                         dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend)

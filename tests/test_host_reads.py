@@ -18,8 +18,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
-import prefix_attn  # noqa: E402
 from host_reads import HostReads  # noqa: E402
+
+import prefix_attn  # noqa: E402
 from prefix_attn import PrefixBank, PrefixTuning  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

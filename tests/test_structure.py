@@ -98,3 +98,26 @@ def test_imports_point_down(layer, forbidden):
     graph = _graph()
     bad = sorted((m, d) for m in layer for d in graph[m] if d.startswith(forbidden))
     assert not bad, bad
+
+
+def test_a_wheel_ships_the_cpu_kernel_sources(tmp_path):
+    """A wheel built without the kernel (PREFIX_ATTN_SKIP_BUILD=1) carries csrc/ as prefix_attn/_csrc/, where the JIT
+    loader finds it (build_config.CANDIDATE_DIRS)."""
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = os.path.dirname(ROOT)
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info next to setup.py
+    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__",
+                                                             "*.egg-info", "benchmarks", "docs", "examples"))
+    env = dict(os.environ, PREFIX_ATTN_SKIP_BUILD="1")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(src)], check=True, env=env, capture_output=True)
+    (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in glob.glob(os.path.join(repo, "csrc", "*")):
+        assert f"prefix_attn/_csrc/{os.path.basename(path)}" in names
+    assert "prefix_attn/build_config.py" in names

@@ -52,6 +52,7 @@ from .trainable import (
     set_saved_keys,
 )
 
+
 # ---------------------------------------------------------------------------------------------- enable
 def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False,
            modules_to_save: Optional[List[str]] = None, save_full_model: bool = False):

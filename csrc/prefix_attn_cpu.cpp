@@ -1,18 +1,9 @@
 // Native CPU prefix attention: fused forward and backward (flash-attention style), pybind11 bindings.
 //
-// Shapes (as in prefix_attn/ops.py):
-//   q:              [batch, heads_q,  len_q, head_dim]
-//   k, v:           [batch, heads_kv, len_k, head_dim]     heads_q % heads_kv == 0, len_q <= len_k
-//   prefix_k/v:     [heads_kv, P, head_dim]                read in place for every batch row, P may be 0
-//                   or a bank [N, heads_kv, P, head_dim]   with prefix_ids [B]: row b reads entry prefix_ids[b]
-//   prefix_lengths: [N] (optional, with a bank)            entry n has its first prefix_lengths[n] slots only
-//   attention_mask: [batch, len_k] bool                    1 = text key visible (prefix always visible)
-//   out:            [batch, heads_q, len_q, head_dim]
-//   lse:            [batch, heads_q, len_q]                float32 (float64 for float64 inputs), +inf where a
-//                                                          query sees no key
-//   packed (cu_seqlens_q/k [S + 1]): q, out [total_q, heads_q, head_dim], k, v [total_k, heads_kv, head_dim],
-//                   lse [heads_q, total_q]; sequence s is rows cu_seqlens[s] .. cu_seqlens[s + 1] and plays the
-//                   part of batch row s (prefix_ids [S], the dropout row), no attention_mask
+// Shapes: those of prefix_attention and prefix_attention_varlen (prefix_attn/ops.py, varlen.py). lse is
+// [batch, heads_q, len_q] (packed: [heads_q, total_q]), float32 (float64 for float64 inputs), +inf where a query
+// sees no key. Packed sequence s (rows cu_seqlens[s] .. cu_seqlens[s + 1]) plays the part of batch row s
+// (prefix_ids[s], the dropout row), through a per-row descriptor of starts and lengths (inputs.h: Seqs).
 //
 // Query i sits at text position len_k - len_q + i (bottom-right alignment) and, with `causal`, sees text
 // keys j <= len_k - len_q + i. The keys of one (batch, kv head) are walked as blocks of the prefix, then

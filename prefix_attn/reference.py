@@ -1,18 +1,8 @@
 """Plain PyTorch prefix attention: the test oracle, the ``"torch"`` backend and the benchmark baseline.
 
-Shapes, used everywhere in the package::
-
-    q:              [batch, heads_q,  len_q, head_dim]
-    k, v:           [batch, heads_kv, len_k, head_dim]     heads_q % heads_kv == 0, len_q <= len_k
-    prefix_k/v:     [heads_kv, P, head_dim]                shared by every batch row, P may be 0
-                    or a bank [N, heads_kv, P, head_dim] with prefix_ids [B] (row b sees entry prefix_ids[b])
-                    and optional prefix_lengths [N] (entry n has its first prefix_lengths[n] slots only)
-    attention_mask: [batch, len_k] bool / 0-1 int         1 = text key visible (prefix always visible)
-    out:            [batch, heads_q, len_q, head_dim]
-    lse:            [batch, heads_q, len_q]  float32/64, natural log; -inf where a query sees no key
-
-Packed sequences (``prefix_attention_varlen_reference``): q ``[total_q, heads_q, head_dim]``, k/v ``[total_k,
-heads_kv, head_dim]``, sequence s at rows ``cu_seqlens[s] .. cu_seqlens[s+1]``, run as batch row s alone.
+Shapes are those of the public functions (``prefix_attention`` in ``ops.py``, ``prefix_attention_varlen`` in
+``varlen.py``); ``lse`` as in the ``ops.py`` module docstring, but -inf where a query sees no key. A packed batch
+(``prefix_attention_varlen_reference``) runs each sequence as a batch of one.
 
 This implementation does exactly what the fused kernels avoid: it expands the prefix over the batch,
 concatenates it with the text keys/values and materialises the full score matrix.

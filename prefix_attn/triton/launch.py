@@ -8,8 +8,9 @@
 extras: prefix_ids / prefix_lengths (a bank), cu_seqlens_q / cu_seqlens_k / max_seqlen_q / max_seqlen_k (packed
 sequences), dropout_p / dropout_seed (attention dropout, seed an int64 0-d tensor on q's device).
 
-Shapes as in ``prefix_attn.reference``. Inputs are read through their strides (no copies); outputs are
-allocated contiguous. ``lse`` is float32 [B, Hq, Tq], natural log, +inf for a query that sees no key.
+Shapes as in ``prefix_attention`` / ``prefix_attention_varlen``. Inputs are read through their strides (no
+copies); outputs are allocated contiguous. ``lse`` is float32 [B, Hq, Tq] (packed [Hq, total_q]), natural log,
++inf for a query that sees no key.
 """
 
 from __future__ import annotations

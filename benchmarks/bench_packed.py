@@ -58,7 +58,7 @@ def batches(lengths, device):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=None, help="default 7 (3 with --quick)")
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=512)
@@ -67,10 +67,12 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="4 short examples, 2 layers, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="4 short examples, 2 layers, 3 rounds unless --rounds")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.examples, args.max_len, args.layers, args.width = 3, 4, 48, 2, 64
+        args.examples, args.max_len, args.layers, args.width = 4, 48, 2, 64
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 7
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.examples,), generator=g).tolist()

@@ -89,7 +89,7 @@ inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && 
 // [total, H, D] -> a [1, H, total, D] view (no copy), the layout Rows4 reads with Seqs' row starts
 inline at::Tensor packed_view(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
 
-// The offsets, checked where they guard memory: cu[0] == 0, non-decreasing, within the packed totals, and
+// The offsets, checked where they guard memory: cu[0] == 0, non-decreasing, ending at the packed totals, and
 // len_q <= len_k per sequence (the bottom-right causal alignment).
 inline Seqs make_seqs(const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, int64_t total_q,
                       int64_t total_k) {
@@ -100,10 +100,14 @@ inline Seqs make_seqs(const c10::optional<at::Tensor>& cu_q, const c10::optional
               "prefix_attn cpu: cu_seqlens_q and cu_seqlens_k must be [num_seqs + 1], got ", shape_str(*cu_q),
               " and ", shape_str(*cu_k));
   TORCH_CHECK(cu_q->device().is_cpu() && cu_k->device().is_cpu(), "prefix_attn cpu: cu_seqlens must be on the CPU");
+  TORCH_CHECK((cu_q->scalar_type() == at::kInt || cu_q->scalar_type() == at::kLong) &&
+                  (cu_k->scalar_type() == at::kInt || cu_k->scalar_type() == at::kLong),
+              "prefix_attn cpu: cu_seqlens must be int32 or int64, got ", cu_q->scalar_type(), " and ",
+              cu_k->scalar_type());
   const std::vector<int64_t> oq = to_vector(*cu_q), ok = to_vector(*cu_k);
   TORCH_CHECK(oq[0] == 0 && ok[0] == 0, "prefix_attn cpu: cu_seqlens must start at 0");
-  TORCH_CHECK(oq.back() <= total_q && ok.back() <= total_k, "prefix_attn cpu: cu_seqlens_q/k end at ", oq.back(),
-              "/", ok.back(), ", past the packed totals ", total_q, "/", total_k);
+  TORCH_CHECK(oq.back() == total_q && ok.back() == total_k, "prefix_attn cpu: cu_seqlens_q/k end at ", oq.back(),
+              "/", ok.back(), ", not at the packed totals ", total_q, "/", total_k);
   s.packed = true;
   s.total_q = total_q;
   const size_t n = oq.size() - 1;

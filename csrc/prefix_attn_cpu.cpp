@@ -245,6 +245,7 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
       const int64_t b = task / d.heads_kv;
       const int64_t hkv = task % d.heads_kv;
       const int64_t len_q = seqs.lq(b), len_k = seqs.lk(b), offset = len_k - len_q;
+      if (len_q == 0) continue;  // no query: zero gradients (packed outputs are zero-filled, padded ones have none)
       int64_t lddk = D, lddv = D, lddq = D;
       T* dk_bh = do_dkv ? dk_sink.begin(DK.mut(b, hkv, 0), len_k, DK.st, &lddk) : nullptr;
       T* dv_bh = do_dkv ? dv_sink.begin(DV.mut(b, hkv, 0), len_k, DV.st, &lddv) : nullptr;
@@ -410,7 +411,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   auto opts = at::TensorOptions().dtype(cdt);
   // dq/dk/dv in q's dtype. float32/float64 accumulate in place (zero-filled); 16-bit ones are written whole by
   // the tasks' RowSinks whenever the kernel runs.
-  // (packed: rows outside every sequence are zero-filled)
+  // Packed ones are zero-filled: a sequence with no query skips its task, leaving its keys' rows zero.
   const bool written = st != cdt && q.numel() > 0 && !packed;
   auto grad = [&](at::IntArrayRef shape) {
     return written ? at::empty(shape, q.options()) : at::zeros(shape, q.options());

@@ -251,6 +251,30 @@ def test_boundary_checks_name_the_argument(ext):
         ext.fwd(q, k, k, torch.randn(2, 1, 4), torch.randn(2, 1, 4), bad_mask, True, 0.5)
 
 
+def test_packed_offsets_are_checked_where_they_guard_memory(ext):
+    """The kernel's own checks of cu_seqlens (the Python front door checks them first, with the same rules)."""
+    q, k = torch.randn(5, 2, 4), torch.randn(7, 2, 4)
+    pk = torch.randn(2, 1, 4)
+
+    def fwd(cu_q, cu_k, **kw):
+        return ext.fwd(q, k, k, pk, pk, kw.get("mask"), True, 0.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+    ok = fwd(torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7]))[0]
+    assert ok.shape == (5, 2, 4)
+    for cu_q, cu_k, message in [
+        (torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([0, 3, 7]), "not at the packed totals"),
+        (torch.tensor([0, 2, 5]), torch.tensor([0, 3, 9]), "not at the packed totals"),
+        (torch.tensor([1, 2, 5]), torch.tensor([0, 3, 7]), "must start at 0"),
+        (torch.tensor([0, 3, 5]), torch.tensor([0, 2, 7]), "len_q=3 > len_k=2"),
+        (torch.tensor([0, 6, 5]), torch.tensor([0, 7, 7]), "non-decreasing"),
+        (torch.tensor([0.0, 2.0, 5.0]), torch.tensor([0, 3, 7]), "int32 or int64"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            fwd(cu_q, cu_k)
+    with pytest.raises(RuntimeError, match="attention_mask must be None with cu_seqlens"):
+        fwd(torch.tensor([0, 5]), torch.tensor([0, 7]), mask=torch.ones(1, 7, dtype=torch.bool))
+
+
 def test_large_head_dim_and_multiple_key_blocks(ext):
     """head_dim above the Triton limit, and more keys than one block (online softmax across blocks)."""
     case = Case(1, 1, 2, 40, 600, 520, 300, masked=True)

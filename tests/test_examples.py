@@ -38,3 +38,16 @@ def test_gpt2_example_runs(tmp_path, options):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     hits = re.search(r"(\d)/4 generations follow rule -2", run.stdout)
     assert hits and int(hits.group(1)) >= 3, run.stdout[-3000:]
+
+
+def test_ptuning_v2_classifier_example_runs(tmp_path):
+    """A prefix plus the head of a frozen BERT learn a toy classification with Trainer, and reload identically."""
+    script = os.path.join(EXAMPLES, "ptuning_v2_classifier.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    before = float(re.search(r"before training: test accuracy ([\d.]+)", run.stdout).group(1))
+    after = float(re.search(r"after training: test accuracy ([\d.]+)", run.stdout).group(1))
+    assert after >= 0.7 and after > before + 0.1, run.stdout[-3000:]
+    assert "reloaded onto the stock base" in run.stdout and "(identical)" in run.stdout
+    assert (tmp_path / "ptuning_v2" / "prefix.safetensors").is_file()

@@ -123,7 +123,7 @@ def model(name):
 
 MATCH = ["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
          "gemma3_text", "phi", "phi3", "phimoe", "opt", "gpt_neox", "stablelm", "starcoder2", "olmo", "olmo2",
-         "olmoe", "cohere", "cohere2", "glm", "glm4", "granite", "persimmon", "gpt_bigcode", "biogpt"]
+         "olmoe", "cohere", "cohere2", "glm", "glm4", "granite", "persimmon", "gpt_bigcode", "biogpt", "roberta"]
 # family: (where it is refused, exception types, what the message says)
 REFUSE = {
     "gptj": ("enable", RuntimeError, "AttentionInterface"),
@@ -134,8 +134,7 @@ REFUSE = {
     "gemma2_short_window": ("call", (NotImplementedError, ValueError), "sliding window"),
     "gemma4_text": ("enable", ValueError, "per layer"),
     "deepseek_v3": ("enable", NotImplementedError, "latent attention"),
-    "roberta": ("enable", NotImplementedError, "positions from the token ids"),
-    "bart": ("enable", ValueError, "one attention layer per index"),
+    "bart": ("enable", NotImplementedError, "one self-attention per layer"),
 }
 
 

@@ -29,6 +29,7 @@ try:
     from transformers import AttentionInterface
     from transformers.masking_utils import (
         AttentionMaskInterface,
+        bidirectional_mask_function,
         causal_mask_function,
         prepare_padding_mask,
         sdpa_mask,
@@ -128,7 +129,7 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
         raise ValueError(f"prefix_attn needs the queries to be the last keys (a DynamicCache or no cache); "
                          f"got q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, "
                          f"kv_length={kv_length} (a StaticCache or another preallocated cache?)")
-    if mask_function is causal_mask_function:
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is None:
             return None
@@ -179,9 +180,9 @@ def _refuse_unhandled(module, kwargs) -> None:
         what = _NAMED_REFUSALS.get(name, f"the attention argument {name!r}")
         raise NotImplementedError(f"{type(module).__name__} passes {what} to its attention function; prefix_attn "
                                   f"does not implement it and will not ignore it")
-    if kwargs.get("is_causal") is False:
+    if kwargs.get("is_causal") is False and getattr(module, "is_causal", True):
         raise NotImplementedError(f"{type(module).__name__} asks for non-causal (bidirectional) attention "
-                                  f"(is_causal=False); prefix_attn supports causal self-attention only")
+                                  f"(is_causal=False) in a causal model; prefix_attn does not implement that mix")
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -195,8 +196,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     # the model's own attention dropout (GPT-2 attn_pdrop, Llama-family attention_dropout; 0 in eval mode),
     # applied in the kernels to the whole row, prefix columns included, as the stock attention does
     dropout_p = 0.0 if binding.ignore_attention_dropout else float(dropout or 0.0)
-    if not getattr(module, "is_causal", True):
-        raise NotImplementedError("prefix_attn supports causal self-attention only (no cross-attention)")
+    # an encoder's self-attention (BERT-style, module.is_causal False): bidirectional, every key of its row
+    causal = bool(getattr(module, "is_causal", True))
     packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
     seq_idx = kwargs.pop("seq_idx", None)
     if seq_idx is not None and seq_idx is not binding.seq_idx:  # checked once per forward by the decoder hook
@@ -214,6 +215,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                                   f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
                                   "window")
     if packed is not None:
+        if not causal:
+            raise NotImplementedError("packed sequences in a bidirectional encoder: not supported; pad the batch")
         return _packed_attention(query, key, value, pk, pv, attention_mask, packed, scaling, softcap,
                                  dropout_p), None
     mask = attention_mask
@@ -225,7 +228,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                              f"[batch={query.shape[0]}, len_k={len_k}]")
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(torch.bool)
-    out = prefix_attention(query, key, value, pk, pv, causal=True, softmax_scale=scaling, attention_mask=mask,
+    out = prefix_attention(query, key, value, pk, pv, causal=causal, softmax_scale=scaling, attention_mask=mask,
                            softcap=float(softcap), dropout_p=dropout_p,
                            **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None

@@ -25,6 +25,7 @@ stays picklable and deep-copyable; ``disable`` removes all of it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import List, Optional
 
@@ -65,7 +66,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
 
     Args:
         model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models,
-                 ...), not a PEFT wrapper
+                 ...) or a BERT encoder (``BertForSequenceClassification``, ``BertForTokenClassification``:
+                 bidirectional attention; keep the head trainable with ``modules_to_save=["classifier"]``), not
+                 a PEFT wrapper
         prefix:  a :class:`PrefixTuning` of the model's shape (refused otherwise); registered as
                  ``model.prefix_attn`` and moved to the model's device (its dtype is kept: it is cast to the
                  activations' dtype inside attention)
@@ -93,6 +96,10 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model (self-attention in the encoder "
+                                  f"and the decoder, cross-attention between them): prefix_attn runs decoder-only "
+                                  f"models and BERT-style encoders, not encoder-decoders")
     if getattr(config, "kv_lora_rank", None) is not None:
         raise NotImplementedError(f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank): its "
                                   f"keys and values have different head sizes; prefix_attn does not support it")
@@ -100,6 +107,14 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     modules = attention_modules(model)
     shape = prefix_shape_from_config(config)
     found = sorted(m.layer_idx for m in modules)
+    if not found:
+        raise NotImplementedError(f"{type(model).__name__} has no attention modules with a layer_idx (its attention "
+                                  f"does not run through transformers' AttentionInterface one module per layer, as "
+                                  f"DeBERTa-v2, DistilBERT and ALBERT); prefix_attn cannot attach a prefix to it")
+    if len(set(found)) < len(found):
+        raise NotImplementedError(f"{type(model).__name__} has several attention modules per layer (layer_idx "
+                                  f"{found}: self-attention and cross-attention, as a BART-style decoder has); "
+                                  f"prefix_attn supports models with one self-attention per layer")
     if found != list(range(shape.num_layers)):
         raise ValueError(f"expected one attention layer per index 0..{shape.num_layers - 1} in "
                          f"{type(model).__name__}, found layer_idx {found}")
@@ -113,7 +128,13 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
         if isinstance(m, PrefixTuning) and m.parameterization == "hidden":
             m.bind(modules)
     runner = _runner(model, modules)
-    mask_positions = _position_rule(runner)
+    if not any(getattr(m, "is_causal", True) for m in modules):  # an encoder: PEFT passes the prefix as a cache
+        params = inspect.signature(runner.forward).parameters
+        if "cache" not in params and "past_key_values" not in params:
+            raise NotImplementedError(f"{type(runner).__name__} is an encoder that takes no KV cache: prefix tuning "
+                                      f"as PEFT defines it (the prefix K/V as past key values, positions after "
+                                      f"them) has no meaning there, so prefix_attn refuses it (ModernBERT is one)")
+    position_rule = _position_rule(runner)
     register()
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else next(iter(prefix.parameters())).device
@@ -142,7 +163,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     for m in modules:
         m._prefix_attn_binding = binding
     binding.attention_modules = modules  # in layer order: what a hidden-state prefix projects through
-    hooks = DecoderHooks(binding, mask_positions)
+    hooks = DecoderHooks(binding, position_rule)
     calls = CallHooks(binding)
     binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),
                        model.register_forward_hook(calls.after, always_call=True),

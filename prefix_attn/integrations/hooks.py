@@ -10,7 +10,7 @@ computed (one MLP evaluation in projection mode). After it (also when it raises)
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -24,9 +24,9 @@ _SIGNATURES: Dict[type, List[str]] = {}
 class DecoderHooks:
     """Forward pre-hook and post-hook of the decoder; a module-level class so the model pickles."""
 
-    def __init__(self, binding: Binding, mask_positions: bool = False):
+    def __init__(self, binding: Binding, position_rule: Optional[str] = None):
         self.binding = binding
-        self.mask_positions = mask_positions  # OPT: positions counted over the attention mask
+        self.position_rule = position_rule  # model_parts._position_rule: None, "mask" (OPT), "token_ids" (RoBERTa)
 
     def before(self, module, args, kwargs):
         if args:  # bind positionals by name so position_ids can be read and replaced
@@ -62,7 +62,15 @@ class DecoderHooks:
             kwargs["position_ids"] = position_ids + num_prefix
         else:
             past = cache.get_seq_length() if cache is not None else 0
-            if self.mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if self.position_rule == "token_ids":
+                # RoBERTa counts the non-pad tokens from padding_idx + 1, after the cache length: under PEFT that
+                # length includes P. From inputs_embeds it numbers 0, 1, ... from padding_idx + 1 with no offset,
+                # under PEFT too: left to the model.
+                if kwargs.get("input_ids") is not None:
+                    pad = module.embeddings.padding_idx
+                    real = kwargs["input_ids"].ne(pad).long()
+                    kwargs["position_ids"] = (real.cumsum(-1) + past + num_prefix) * real + pad
+            elif self.position_rule == "mask" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 # OPT counts positions over its 2-D mask (cumsum(mask) * mask - 1); under PEFT that mask starts
                 # with P ones and the cache with P slots: real tokens at P + cumsum - 1, pads at -1
                 m = mask.long()

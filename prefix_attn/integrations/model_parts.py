@@ -29,19 +29,20 @@ def _runner(model, modules):
     return best
 
 
-def _position_rule(runner) -> bool:
-    """True when the decoder derives positions from the attention mask (OPT); refuse families whose positions
-    come from the token ids (RoBERTa-style decoders: pad tokens skipped), which PEFT shifts in a way this hook
-    does not reproduce."""
+def _position_rule(runner) -> Optional[str]:
+    """How the model numbers its positions when it is given none, as the decoder hook must mirror under PEFT's
+    prefix: "mask" (OPT: counted over the attention mask), "token_ids" (RoBERTa-style embeddings: counted over the
+    non-pad tokens from ``padding_idx + 1``), or None (0, 1, 2, ... from the cache length)."""
     embed = getattr(runner, "embed_positions", None)
     if type(embed).__name__ == "OPTLearnedPositionalEmbedding":
-        return True
+        return "mask"
     embeddings = getattr(runner, "embeddings", None)
     if embeddings is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
-        raise NotImplementedError(
-            f"{type(runner).__name__} derives positions from the token ids (pad tokens skipped); prefix_attn "
-            f"does not reproduce PEFT's prefix offset for that rule")
-    return False
+        if not isinstance(getattr(embeddings, "padding_idx", None), int):
+            raise NotImplementedError(f"{type(runner).__name__} derives positions from the token ids but its "
+                                      f"embeddings have no integer padding_idx; prefix_attn cannot mirror that rule")
+        return "token_ids"
+    return None
 
 
 def _kv_out_features(module) -> Optional[int]:

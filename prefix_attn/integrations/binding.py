@@ -71,11 +71,13 @@ class Binding:
                              "with a prefix_attn.PrefixBank to choose a prefix per row")
         self.row_ids = self.prefix.ids(prefix_ids, device=device)
 
-    def ids(self, batch: int) -> torch.Tensor:
+    def row_values(self, batch: int) -> List[int]:
+        """This forward's entry per row as a host list: one read per ids tensor (PrefixBank.ids read it already
+        when it checked the range), none under generate() after its first step."""
         if self.row_ids is None and self.generate_ids is not None:
             rows = self.generate_ids.shape[0]
             if rows and batch % rows == 0:  # generate() repeats each row for its beams / return sequences
-                return self.generate_ids.repeat_interleave(batch // rows)
+                return [v for v in checks.host_list(self.generate_ids) for _ in range(batch // rows)]
         if self.row_ids is None:
             raise ValueError(f"this model is enabled with a PrefixBank ({len(self.prefix)} entries): pass "
                              f"prefix_ids=... (a LongTensor [batch] or a list of entry names) to the call or to "
@@ -84,7 +86,7 @@ class Binding:
             raise ValueError(f"prefix_ids has {self.row_ids.shape[0]} entries but the batch has {batch} rows "
                              f"(with num_beams or num_return_sequences, pass prefix_ids as a tensor so generate() "
                              f"expands it)")
-        return self.row_ids
+        return checks.host_list(self.row_ids)
 
     def offsets(self, batch: int, device):
         """The position shift of each row: its own prefix length (PEFT's, per adapter); an int for one prefix."""
@@ -115,22 +117,14 @@ class Binding:
             entry_p = [m.num_virtual_tokens for m in self.prefix.entries]
             lengths = self.lengths[device] = checks.trust(self.prefix.lengths(device))
             checks.known(lengths, "min_max", (min(entry_p), max(entry_p)))
-        values = self._row_values(batch)
+        values = self.row_values(batch)
         # made from the host list: its range and the row grouping of the backward are known without a read
         ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
         if values:
             checks.known(ids, "min_max", (min(values), max(values)))
-        checks.known(ids, "used_entries", checks.group_rows_host(values, device))
+        if torch.is_grad_enabled():  # the grouping serves the backward only
+            checks.known(ids, "used_entries", checks.group_rows_host(values, device))
         return {"prefix_ids": ids, "prefix_lengths": lengths}
-
-    def _row_values(self, batch: int) -> List[int]:
-        """This forward's entry per row as a host list: one read per ids tensor (PrefixBank.ids read it already
-        when it checked the range), none under generate() after its first step."""
-        if self.row_ids is None and self.generate_ids is not None:
-            rows = self.generate_ids.shape[0]
-            if rows and batch % rows == 0:  # generate() repeats each row for its beams / return sequences
-                return [v for v in checks.host_list(self.generate_ids) for _ in range(batch // rows)]
-        return checks.host_list(self.ids(batch))
 
     def _versions(self):
         return tuple(p._version for p in self.prefix.parameters())

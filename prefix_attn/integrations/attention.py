@@ -125,7 +125,8 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     """
     q_offset = int(q_offset)
     kv_offset = int(kv_offset)
-    if q_offset + q_length != kv_offset + kv_length:
+    # a bidirectional mask may be a cross-attention's (queries of the decoder, keys of the encoder)
+    if mask_function is not bidirectional_mask_function and q_offset + q_length != kv_offset + kv_length:
         raise ValueError(f"prefix_attn needs the queries to be the last keys (a DynamicCache or no cache); "
                          f"got q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, "
                          f"kv_length={kv_length} (a StaticCache or another preallocated cache?)")
@@ -204,7 +205,10 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         check_seq_idx(seq_idx, packed, query.shape[0], query.shape[2])
     _refuse_unhandled(module, kwargs)
     softcap = kwargs.get("softcap") or 0.0
-    pk, pv = binding.key_value(module.layer_idx)
+    slot = getattr(module, "_prefix_attn_slot", module.layer_idx)
+    if slot is None:  # an encoder-decoder's attention without a prefix (seq2seq.py)
+        return _plain_attention(query, key, value, attention_mask, causal, scaling, dropout_p), None
+    pk, pv = binding.key_value(slot)
     if pk.dtype != query.dtype or pk.device != query.device:
         # half-precision models: the prefix is kept in its own (float32) dtype and cast here, differentiably
         pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
@@ -232,6 +236,24 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                            softcap=float(softcap), dropout_p=dropout_p,
                            **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
+
+
+def _plain_attention(query, key, value, mask, causal, scaling, dropout_p):
+    """Attention without a prefix, as the stock ``"sdpa"`` implementation runs it: ``[B, Tq, Hq, D]``. ``mask``: the
+    ``[B, Tk]`` key mask of ``prefix_attention_mask`` (or None)."""
+    len_q, len_k = query.shape[2], key.shape[2]
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f"prefix_attn got an attention mask of shape {tuple(mask.shape)} for an attention "
+                             f"without a prefix; expected [batch, len_k]")
+        mask = mask.to(torch.bool)[:, None, None, :]
+    if causal and (mask is not None or len_q != len_k):  # bottom-right causal, and the key mask
+        tri = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).tril(len_k - len_q)
+        mask = tri if mask is None else mask & tri
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
+        scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
 
 
 def _flash_packing(kwargs, packed):

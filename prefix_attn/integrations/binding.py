@@ -49,7 +49,10 @@ class Binding:
         self.kv_after = None  # (weakref to the last forward's kv, parameter versions when it was computed)
         self.depth = 0  # nested decoder forwards
         self.handles = []
-        self.attention_modules = []
+        self.attention_modules = []  # the modules that read the prefix, in its layer order
+        self.all_modules = []  # every attention module running "prefix_attn" (an encoder-decoder's too)
+        self.layout = None  # an encoder-decoder's layout ("peft" / "li_liang")
+        self.position_shift = 0  # an encoder-decoder: what the decoder's positions are shifted by, this forward
 
     def __getstate__(self) -> Dict:
         state = self.__dict__.copy()

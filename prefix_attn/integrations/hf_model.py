@@ -31,7 +31,9 @@ from typing import List, Optional
 
 from ..bank import PrefixBank
 from ..prefix import PrefixShape, PrefixTuning, prefix_shape_from_config
+from ..prefix_shape import LAYOUTS
 from . import checkpoints
+from . import seq2seq as seq2seq_parts
 from .attention import ATTN_IMPLEMENTATION, register
 from .binding import Binding
 from .hooks import CallHooks, DecoderHooks
@@ -56,7 +58,7 @@ from .trainable import (
 
 # ---------------------------------------------------------------------------------------------- enable
 def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_attention_dropout: bool = False,
-           modules_to_save: Optional[List[str]] = None, save_full_model: bool = False):
+           modules_to_save: Optional[List[str]] = None, save_full_model: bool = False, layout: str = "peft"):
     """Run ``model``'s attention through ``prefix_attention`` with ``prefix``; returns the same model object.
 
     ``prefix`` may be a :class:`~prefix_attn.PrefixBank`: then every call names each row's entry,
@@ -67,8 +69,9 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     Args:
         model:   a stock transformers decoder (``GPT2LMHeadModel``, ``LlamaForCausalLM``, their base models,
                  ...) or a BERT encoder (``BertForSequenceClassification``, ``BertForTokenClassification``:
-                 bidirectional attention; keep the head trainable with ``modules_to_save=["classifier"]``), not
-                 a PEFT wrapper
+                 bidirectional attention; keep the head trainable with ``modules_to_save=["classifier"]``), or
+                 a BART-family encoder-decoder (``BartForConditionalGeneration``, mBART, PLBart, Marian,
+                 Pegasus, Blenderbot); not a PEFT wrapper
         prefix:  a :class:`PrefixTuning` of the model's shape (refused otherwise); registered as
                  ``model.prefix_attn`` and moved to the model's device (its dtype is kept: it is cast to the
                  activations' dtype inside attention)
@@ -82,6 +85,10 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
         save_full_model: ``model.save_pretrained`` (and so every Trainer checkpoint) writes every weight; by
                  default it writes the trainable ones only (the prefix, ``modules_to_save``, whatever else has
                  ``requires_grad``), which :func:`load_pretrained` puts back onto a stock base model
+        layout:  encoder-decoders only (``seq2seq.py``): ``"peft"``, a prefix per decoder self-attention layer as
+                 PEFT's SEQ_2_SEQ_LM computes it, or ``"li_liang"``, a prefix in the encoder's self-attention, the
+                 decoder's self-attention and the cross-attention of every layer (a prefix of
+                 ``prefix_shape_from_config(config, layout="li_liang")``)
 
     Calling ``enable`` on an enabled model replaces its prefix.
     """
@@ -96,29 +103,38 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model (self-attention in the encoder "
-                                  f"and the decoder, cross-attention between them): prefix_attn runs decoder-only "
-                                  f"models and BERT-style encoders, not encoder-decoders")
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "peft" and not seq2seq:
+        raise ValueError(f"layout={layout!r} is for encoder-decoders; {type(model).__name__} is not one")
+    if seq2seq and isinstance(prefix, PrefixBank):
+        raise NotImplementedError("a PrefixBank on an encoder-decoder: not supported (one PrefixTuning only)")
+    if seq2seq:
+        seq2seq_parts.check_supported(model)
     if getattr(config, "kv_lora_rank", None) is not None:
         raise NotImplementedError(f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank): its "
                                   f"keys and values have different head sizes; prefix_attn does not support it")
-    prefix.check_compatible(config)
+    shape = prefix_shape_from_config(config, layout)
+    prefix.check_compatible(shape)
     modules = attention_modules(model)
-    shape = prefix_shape_from_config(config)
     found = sorted(m.layer_idx for m in modules)
-    if not found:
+    if seq2seq:
+        prefixed = seq2seq_parts.prefix_modules(model, modules, layout)
+    elif not found:
         raise NotImplementedError(f"{type(model).__name__} has no attention modules with a layer_idx (its attention "
                                   f"does not run through transformers' AttentionInterface one module per layer, as "
                                   f"DeBERTa-v2, DistilBERT and ALBERT); prefix_attn cannot attach a prefix to it")
-    if len(set(found)) < len(found):
+    elif len(set(found)) < len(found):
         raise NotImplementedError(f"{type(model).__name__} has several attention modules per layer (layer_idx "
                                   f"{found}: self-attention and cross-attention, as a BART-style decoder has); "
                                   f"prefix_attn supports models with one self-attention per layer")
-    if found != list(range(shape.num_layers)):
+    else:
+        prefixed = modules
+    if (len(prefixed) if seq2seq else found) != (shape.num_layers if seq2seq else list(range(shape.num_layers))):
         raise ValueError(f"expected one attention layer per index 0..{shape.num_layers - 1} in "
                          f"{type(model).__name__}, found layer_idx {found}")
-    for m in modules:  # the config can say one thing and the weights another
+    for m in prefixed:  # the config can say one thing and the weights another
         kv_out = _kv_out_features(m)
         if kv_out is not None and kv_out != shape.num_kv_heads * shape.head_dim:
             raise ValueError(f"{type(m).__name__} {m.layer_idx} projects keys to {kv_out} features but the "
@@ -126,15 +142,16 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
 
     for m in prefix.modules():  # hidden-state prefixes read this model's frozen key/value projections
         if isinstance(m, PrefixTuning) and m.parameterization == "hidden":
-            m.bind(modules)
-    runner = _runner(model, modules)
-    if not any(getattr(m, "is_causal", True) for m in modules):  # an encoder: PEFT passes the prefix as a cache
+            m.bind(prefixed)
+    runner = _runner(model, prefixed)
+    # an encoder: PEFT passes the prefix as a cache
+    if not seq2seq and not any(getattr(m, "is_causal", True) for m in modules):
         params = inspect.signature(runner.forward).parameters
         if "cache" not in params and "past_key_values" not in params:
             raise NotImplementedError(f"{type(runner).__name__} is an encoder that takes no KV cache: prefix tuning "
                                       f"as PEFT defines it (the prefix K/V as past key values, positions after "
                                       f"them) has no meaning there, so prefix_attn refuses it (ModernBERT is one)")
-    position_rule = _position_rule(runner)
+    position_rule = "embed_positions" if seq2seq else _position_rule(runner)
     register()
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else next(iter(prefix.parameters())).device
@@ -160,15 +177,23 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
         raise RuntimeError(f"{type(model).__name__} refused attn_implementation='{ATTN_IMPLEMENTATION}' "
                            f"(its attention does not go through transformers' AttentionInterface)")
     model.add_module(SUBMODULE, prefix)
+    slots = {id(m): i for i, m in enumerate(prefixed)}
     for m in modules:
         m._prefix_attn_binding = binding
-    binding.attention_modules = modules  # in layer order: what a hidden-state prefix projects through
+        m._prefix_attn_slot = slots.get(id(m))  # its layer of the prefix; None: no prefix (seq2seq.py)
+    binding.attention_modules = prefixed  # in the prefix's layer order: what a hidden-state prefix projects through
+    binding.all_modules = modules
+    binding.layout = layout if seq2seq else None
     hooks = DecoderHooks(binding, position_rule)
     calls = CallHooks(binding)
     binding.handles = [model.register_forward_pre_hook(calls.before, with_kwargs=True),
                        model.register_forward_hook(calls.after, always_call=True),
                        runner.register_forward_pre_hook(hooks.before, with_kwargs=True),
                        runner.register_forward_hook(hooks.after, always_call=True)]
+    if seq2seq:  # the decoder's positions start after the prefix, as PEFT's (its prefix is the decoder's past)
+        embed = seq2seq_parts.position_embedding(model)
+        binding.handles.append(embed.register_forward_pre_hook(seq2seq_parts.PositionShift(binding),
+                                                               with_kwargs=True))
     model._prefix_attn_binding = binding
     model.save_pretrained = functools.partial(checkpoints.save_pretrained, model)
     model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
@@ -254,9 +279,10 @@ def disable(model):
     for handle in binding.handles:
         handle.remove()
     binding.handles = []
-    for m in binding.attention_modules:
+    for m in binding.all_modules:
         if getattr(m, "_prefix_attn_binding", None) is binding:
             del m._prefix_attn_binding
+            m.__dict__.pop("_prefix_attn_slot", None)
     if getattr(model, SUBMODULE, None) is binding.prefix:
         delattr(model, SUBMODULE)
     for name in ("save_pretrained", "generate", "print_trainable_parameters", "get_nb_trainable_parameters"):

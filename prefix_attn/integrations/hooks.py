@@ -26,7 +26,7 @@ class DecoderHooks:
 
     def __init__(self, binding: Binding, position_rule: Optional[str] = None):
         self.binding = binding
-        self.position_rule = position_rule  # model_parts._position_rule: None, "mask" (OPT), "token_ids" (RoBERTa)
+        self.position_rule = position_rule  # None, "mask" (OPT), "token_ids" (RoBERTa), "embed_positions" (BART)
 
     def before(self, module, args, kwargs):
         if args:  # bind positionals by name so position_ids can be read and replaced
@@ -38,9 +38,10 @@ class DecoderHooks:
         binding = self.binding
         position_ids = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
-        tokens = kwargs.get("input_ids")
+        tokens = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+                       if kwargs.get(k) is not None), None)
         if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
+            raise ValueError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
         batch, device = tokens.shape[0], tokens.device
         if "prefix_ids" in kwargs or not binding.in_call:  # the decoder called directly
             binding.set_ids(kwargs.pop("prefix_ids", None), device)
@@ -57,7 +58,10 @@ class DecoderHooks:
         binding.resolve(batch, device)
         # one prefix: P; a bank: each row's own entry length, [B, 1]
         num_prefix = binding.offsets(batch, device)
-        if position_ids is not None:
+        if self.position_rule == "embed_positions":
+            # an encoder-decoder: the decoder's position embedding adds this (seq2seq.PositionShift)
+            binding.position_shift = num_prefix
+        elif position_ids is not None:
             # PEFT: the prefix occupies positions 0..P-1, so given positions are shifted by P
             kwargs["position_ids"] = position_ids + num_prefix
         else:

@@ -139,7 +139,7 @@ inline Dropout make_dropout(double dropout_p, int64_t seed, int64_t batch_offset
 }
 
 inline Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-                  const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask) {
+                  const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask, bool causal) {
   TORCH_CHECK(q.dim() == 4, "prefix_attn cpu: q must be [batch, heads_q, len_q, head_dim], got ", shape_str(q));
   Dims d{};
   d.batch = q.size(0);
@@ -155,7 +155,9 @@ inline Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
               shape_str(k), " like k, got ", shape_str(v));
   TORCH_CHECK(d.heads_kv > 0 && d.heads_q % d.heads_kv == 0, "prefix_attn cpu: heads_q=", d.heads_q,
               " must be a multiple of heads_kv=", d.heads_kv);
-  TORCH_CHECK(d.len_q <= d.len_k, "prefix_attn cpu: len_q=", d.len_q, " must be <= len_k=", d.len_k);
+  // causal queries are the last len_q keys; non-causal ones (cross-attention) may outnumber the keys
+  TORCH_CHECK(!causal || d.len_q <= d.len_k, "prefix_attn cpu: causal len_q=", d.len_q, " must be <= len_k=",
+              d.len_k);
   TORCH_CHECK((prefix_k.dim() == 3 || prefix_k.dim() == 4) && prefix_k.size(-3) == d.heads_kv &&
                   prefix_k.size(-1) == d.head_dim,
               "prefix_attn cpu: prefix_k must be [heads_kv=", d.heads_kv, ", num_prefix, head_dim=", d.head_dim,
@@ -224,7 +226,8 @@ struct Layout {
 
 inline Layout make_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
                           const at::Tensor& prefix_v, const c10::optional<at::Tensor>& attention_mask,
-                          const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k) {
+                          const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k,
+                          bool causal) {
   Layout l{q, k, v, Seqs{}, Dims{}};
   if (given(cu_q) || given(cu_k)) {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefix_attn cpu: packed q, k, v must be [total_q, ",
@@ -236,7 +239,7 @@ inline Layout make_layout(const at::Tensor& q, const at::Tensor& k, const at::Te
     l.k = packed_view(k);
     l.v = packed_view(v);
   }
-  l.d = check_inputs(l.q, l.k, l.v, prefix_k, prefix_v, attention_mask);
+  l.d = check_inputs(l.q, l.k, l.v, prefix_k, prefix_v, attention_mask, causal || given(cu_q));
   if (l.seqs.packed) {
     l.d.batch = static_cast<int64_t>(l.seqs.q_len.size());
     l.d.len_q = l.seqs.len_q;

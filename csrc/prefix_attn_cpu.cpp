@@ -340,7 +340,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t dropout_batch_offset, const c10::optional<at::Tensor>& cu_seqlens_q,
                             const c10::optional<at::Tensor>& cu_seqlens_k) {
   at::NoGradGuard no_grad;
-  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k);
+  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k, causal);
   const Dims& d = lay.d;
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);
   const Dropout drop = make_dropout(dropout_p, dropout_seed, dropout_batch_offset);
@@ -379,7 +379,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             int64_t dropout_batch_offset, const c10::optional<at::Tensor>& cu_seqlens_q,
                             const c10::optional<at::Tensor>& cu_seqlens_k) {
   at::NoGradGuard no_grad;
-  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k);
+  const Layout lay = make_layout(q, k, v, prefix_k, prefix_v, attention_mask, cu_seqlens_q, cu_seqlens_k, causal);
   const Dims& d = lay.d;
   const bool packed = lay.seqs.packed;
   const Bank bank = make_bank(prefix_ids, prefix_lengths, d);

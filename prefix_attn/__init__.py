@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "PrefixTuning",
     "PrefixShape",
+    "prefix_shape_from_config",
     "PrefixBank",
     "enable",
     "disable",
@@ -31,6 +32,7 @@ __all__ = [
 _LAZY = {
     "PrefixTuning": ("prefix_attn.prefix", "PrefixTuning"),
     "PrefixShape": ("prefix_attn.prefix", "PrefixShape"),
+    "prefix_shape_from_config": ("prefix_attn.prefix_shape", "prefix_shape_from_config"),
     "PrefixBank": ("prefix_attn.bank", "PrefixBank"),
     "enable": ("prefix_attn.integrations.transformers", "enable"),
     "disable": ("prefix_attn.integrations.transformers", "disable"),

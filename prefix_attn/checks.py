@@ -228,7 +228,7 @@ def _check_dtypes(q, named) -> None:
 
 
 def check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0, prefix_ids=None,
-                 prefix_lengths=None) -> None:
+                 prefix_lengths=None, causal=True) -> None:
     """prefix_attention's arguments: TypeError/ValueError naming the argument and the expected shape."""
     named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     _check_tensors(named)
@@ -247,9 +247,9 @@ def check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, sof
     if kd != head_dim:
         raise ValueError(f"k must be [batch, heads_kv, len_k, head_dim={head_dim}] like q, got shape {shape_str(k)}")
     _check_heads(heads_q, heads_kv, head_dim)
-    if len_q > len_k:
-        raise ValueError(f"len_q={len_q} (q.shape[2]) must be <= len_k={len_k} (k.shape[2]): queries are "
-                         f"the last len_q text positions")
+    if causal and len_q > len_k:
+        raise ValueError(f"len_q={len_q} (q.shape[2]) must be <= len_k={len_k} (k.shape[2]) with causal=True: "
+                         f"queries are the last len_q text positions (causal=False takes any len_q)")
     _check_prefix(q, prefix_k, prefix_v, prefix_ids, prefix_lengths, batch, heads_kv, head_dim)
     _check_dtypes(q, named)
     if attention_mask is not None:

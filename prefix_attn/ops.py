@@ -204,7 +204,8 @@ def prefix_attention(
 
     Args:
         q:              ``[batch, heads_q, len_q, head_dim]``
-        k, v:           ``[batch, heads_kv, len_k, head_dim]``; ``heads_q % heads_kv == 0``; ``len_q <= len_k``
+        k, v:           ``[batch, heads_kv, len_k, head_dim]``; ``heads_q % heads_kv == 0``; ``len_q <= len_k`` when
+                        ``causal`` (any ``len_q`` otherwise: a cross-attention's queries)
         prefix_k/v:     ``[heads_kv, P, head_dim]``, read in place for every batch row; ``P`` may be 0;
                         with ``prefix_ids`` a bank ``[N, heads_kv, P, head_dim]``, also read in place
         causal:         text query ``i`` (text position ``len_k - len_q + i``) sees text keys ``j <= len_k - len_q + i``
@@ -240,7 +241,7 @@ def prefix_attention(
     """
     (q, k, v, prefix_k, prefix_v), scope = autocast_inputs(q, k, v, prefix_k, prefix_v)
     checks.check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids,
-                        prefix_lengths)
+                        prefix_lengths, causal=bool(causal))
     with scope:
         return apply(q, k, v, prefix_k, prefix_v, attention_mask=attention_mask, prefix_ids=prefix_ids,
                      prefix_lengths=prefix_lengths, causal=causal, softmax_scale=softmax_scale, softcap=softcap,

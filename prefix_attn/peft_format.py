@@ -4,6 +4,11 @@
 PEFT stores prefix tuning as one ``[P, num_layers * 2 * token_dim]`` matrix (``prompt_embeddings``, ``token_dim =
 heads_kv * head_dim``) that it views as ``[P, 2 * num_layers, heads_kv, head_dim]`` with layer ``l``'s keys at
 ``2l`` and values at ``2l + 1``; ``PrefixTuning.key_value()`` is ``[num_layers, 2, heads_kv, P, head_dim]``.
+PEFT's ``SEQ_2_SEQ_LM`` (``num_transformer_submodules=2``) keeps the same matrix but reads it for 4 K/V per layer
+(decoder self-attention, cross-attention) from the matrix concatenated with itself, so decoder layer ``j`` reads
+slot ``2j mod num_layers``; its cross-attention part is then dropped (``integrations/seq2seq.py``). With an even
+number of layers, layers ``j`` and ``j + num_layers / 2`` share a slot and half the slots are never read: an import
+gives every layer its own copy, an export needs the sharing layers equal and writes zeros in the unread slots.
 Only torch is needed (``safetensors`` to read and write files; ``peft`` only for :func:`from_peft`).
 """
 
@@ -36,13 +41,28 @@ def kv_from_peft_embeddings(flat: torch.Tensor, shape: PrefixShape, num_virtual_
     return kv.permute(1, 2, 3, 0, 4).contiguous()
 
 
+def seq2seq_slots(num_layers: int):
+    """The PEFT slot each decoder layer reads under ``SEQ_2_SEQ_LM`` prefix tuning: ``[2j mod num_layers]``."""
+    return [(2 * j) % num_layers for j in range(num_layers)]
+
+
+def _submodules(peft_config) -> int:
+    n = getattr(peft_config, "num_transformer_submodules", 1)
+    n = 1 if n is None else int(n)
+    if n not in (1, 2):
+        raise ValueError(f"PEFT prefix tuning with num_transformer_submodules={n} is not supported")
+    return n
+
+
 def peft_shape(peft_config, model_config) -> PrefixShape:
     """The shape PEFT gave the prefix, checked against the model's own."""
     num_layers = peft_config.num_layers
     heads = peft_config.num_attention_heads
     token_dim = peft_config.token_dim
-    if getattr(peft_config, "num_transformer_submodules", 1) not in (None, 1):
-        raise ValueError("only decoder-only PEFT prefix tuning (num_transformer_submodules=1) is supported")
+    seq2seq = _submodules(peft_config) == 2
+    if model_config is not None and seq2seq != bool(getattr(model_config, "is_encoder_decoder", False)):
+        raise ValueError(f"the PEFT adapter has num_transformer_submodules={_submodules(peft_config)} but the model "
+                         f"is {'not ' if seq2seq else ''}an encoder-decoder")
     if token_dim % heads:
         raise ValueError(f"PEFT config token_dim={token_dim} is not a multiple of num_attention_heads={heads}")
     shape = PrefixShape(int(num_layers), int(heads), int(token_dim // heads))
@@ -64,16 +84,29 @@ def from_peft(cls, peft_model, adapter_name: Optional[str] = None):
     weight = encoder.embedding.weight
     factory = {"dtype": weight.dtype, "device": weight.device}
     P = peft_config.num_virtual_tokens
+    seq2seq = _submodules(peft_config) == 2
     if getattr(encoder, "prefix_projection", False) and hasattr(encoder, "transform"):
         prefix = cls(shape, P, projection=True, projection_dim=weight.shape[1],
                      projection_hidden=encoder.transform[0].out_features, **factory)
         prefix.embedding.load_state_dict(encoder.embedding.state_dict())
-        prefix.transform.load_state_dict(encoder.transform.state_dict())
+        state = encoder.transform.state_dict()
+        if seq2seq:  # the output rows of the slot each layer reads
+            width = 2 * shape.num_kv_heads * shape.head_dim
+            rows = torch.cat([torch.arange(s * width, (s + 1) * width) for s in seq2seq_slots(shape.num_layers)])
+            last = len(encoder.transform) - 1
+            for key in (f"{last}.weight", f"{last}.bias"):
+                state[key] = state[key][rows.to(state[key].device)]
+        prefix.transform.load_state_dict(state)
         return prefix
     prefix = cls(shape, P, init="zeros", **factory)
     with torch.no_grad():
-        prefix.prefix_kv.copy_(kv_from_peft_embeddings(weight.detach(), shape, P))
+        prefix.prefix_kv.copy_(_kv_of_layers(weight.detach(), shape, P, seq2seq))
     return prefix
+
+
+def _kv_of_layers(flat, shape, P, seq2seq):
+    kv = kv_from_peft_embeddings(flat, shape, P)
+    return kv[seq2seq_slots(shape.num_layers)] if seq2seq else kv
 
 
 def from_peft_adapter(cls, path: str, config=None, *, dtype: torch.dtype = torch.float32, device=None):
@@ -89,6 +122,7 @@ def from_peft_adapter(cls, path: str, config=None, *, dtype: torch.dtype = torch
         num_transformer_submodules = adapter_config.get("num_transformer_submodules", 1)
 
     shape = peft_shape(_Cfg, config)
+    seq2seq = _submodules(_Cfg) == 2
     st_path = os.path.join(path, ADAPTER_WEIGHTS)
     if os.path.exists(st_path):
         from safetensors.torch import load_file
@@ -99,14 +133,19 @@ def from_peft_adapter(cls, path: str, config=None, *, dtype: torch.dtype = torch
     P = adapter_config["num_virtual_tokens"]
     prefix = cls(shape, P, init="zeros", dtype=dtype, device=device)
     with torch.no_grad():
-        prefix.prefix_kv.copy_(kv_from_peft_embeddings(state["prompt_embeddings"], shape, P))
+        prefix.prefix_kv.copy_(_kv_of_layers(state["prompt_embeddings"], shape, P, seq2seq))
     return prefix
 
 
-def save_peft_adapter(prefix, path: str, base_model_name: Optional[str] = None) -> str:
-    """The current K/V values as a PEFT prefix-tuning adapter directory (``inference_mode``: no MLP)."""
+def save_peft_adapter(prefix, path: str, base_model_name: Optional[str] = None,
+                      task_type: str = "CAUSAL_LM") -> str:
+    """The current K/V values as a PEFT prefix-tuning adapter directory (``inference_mode``: no MLP);
+    ``task_type="SEQ_2_SEQ_LM"`` for an encoder-decoder's ``layout="peft"`` prefix."""
     from safetensors.torch import save_file
 
+    if task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise ValueError(f"task_type must be 'CAUSAL_LM' or 'SEQ_2_SEQ_LM', got {task_type!r}")
+    seq2seq = task_type == "SEQ_2_SEQ_LM"
     s = prefix.shape
     token_dim = s.num_kv_heads * s.head_dim
     config = {
@@ -118,12 +157,12 @@ def save_peft_adapter(prefix, path: str, base_model_name: Optional[str] = None) 
         "modules_to_save": None,
         "num_attention_heads": s.num_kv_heads,
         "num_layers": s.num_layers,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if seq2seq else 1,
         "num_virtual_tokens": prefix.num_virtual_tokens,
         "peft_type": "PREFIX_TUNING",
         "prefix_projection": False,
         "revision": None,
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "token_dim": token_dim,
     }
     try:
@@ -133,9 +172,26 @@ def save_peft_adapter(prefix, path: str, base_model_name: Optional[str] = None) 
     except ImportError:
         pass
     with torch.no_grad():
-        embeddings = to_peft_embeddings(prefix).detach().contiguous().cpu()
+        kv = prefix.key_value().detach()
+        if seq2seq:
+            kv = _seq2seq_slots_of(kv)
+        embeddings = kv.permute(3, 0, 1, 2, 4).reshape(prefix.num_virtual_tokens, -1).contiguous().cpu()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     save_file({"prompt_embeddings": embeddings}, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return path
+
+
+def _seq2seq_slots_of(kv: torch.Tensor) -> torch.Tensor:
+    """Per-layer ``[L, 2, Hkv, P, D]`` -> PEFT's SEQ_2_SEQ_LM slots (zeros where no layer reads); ValueError when
+    two layers that PEFT gives one slot differ."""
+    slots = torch.zeros_like(kv)
+    owner = {}
+    for j, slot in enumerate(seq2seq_slots(kv.shape[0])):
+        if slot in owner and not torch.equal(kv[owner[slot]], kv[j]):
+            raise ValueError(f"PEFT's SEQ_2_SEQ_LM layout gives decoder layers {owner[slot]} and {j} one prefix "
+                             f"(slot {slot}); this prefix has different ones there, which PEFT cannot represent")
+        owner.setdefault(slot, j)
+        slots[slot] = kv[j]
+    return slots

@@ -286,13 +286,15 @@ class PrefixTuning(nn.Module):
         config, checked against the adapter."""
         return peft_format.from_peft_adapter(cls, path, config, dtype=dtype, device=device)
 
-    def save_peft_adapter(self, path: str, base_model_name: Optional[str] = None) -> str:
+    def save_peft_adapter(self, path: str, base_model_name: Optional[str] = None,
+                          task_type: str = "CAUSAL_LM") -> str:
         """Write this prefix as a PEFT prefix-tuning adapter directory (``adapter_config.json`` +
         ``adapter_model.safetensors`` with ``prompt_embeddings``) that ``peft.PeftModel.from_pretrained(base,
         path)`` loads. Any parameterisation: the current K/V values are written (a direct prefix in PEFT's
         ``inference_mode``), so an MLP or hidden-state prefix exports exactly what it computes now. Returns
-        ``path``."""
-        return peft_format.save_peft_adapter(self, path, base_model_name)
+        ``path``. ``task_type="SEQ_2_SEQ_LM"``: an encoder-decoder's prefix (``layout="peft"``) in PEFT's layout
+        for it, which gives decoder layers ``j`` and ``j + L/2`` (L even) one prefix: they must be equal."""
+        return peft_format.save_peft_adapter(self, path, base_model_name, task_type)
 
     # ------------------------------------------------------------------ real-word init
     @classmethod

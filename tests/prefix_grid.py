@@ -48,7 +48,8 @@ class Case:
 
 
 # Odd lengths on purpose: 1, 17, 75, 113; P = 0, 1, odd, larger than a block; every GQA ratio in {1, 2, 4};
-# len_q < len_k (decoding) and len_q == len_k; causal on and off; with and without left padding.
+# len_q < len_k (decoding), len_q == len_k, and len_q > len_k without causal; causal on and off; with and without
+# left padding.
 GRID = [
     Case(2, 2, 1, 17, 17, 0, 16),
     Case(2, 2, 1, 17, 17, 1, 32, masked=True),
@@ -64,6 +65,9 @@ GRID = [
     Case(1, 2, 1, 33, 70, 0, 128, masked=True),
     Case(2, 1, 1, 113, 113, 17, 16, masked=True),
     Case(1, 1, 4, 113, 113, 3, 24),
+    # cross-attention (an encoder-decoder's): non-causal, more queries than keys
+    Case(2, 2, 1, 75, 17, 5, 32, causal=False, masked=True),
+    Case(1, 1, 2, 113, 1, 0, 16, causal=False),
 ]
 
 # Softcapping (Gemma 2 style): caps of 1 and 2.5 on N(0, 1) scores saturate tanh on part of every row.
@@ -95,6 +99,7 @@ DROPOUT_GRID = [
     Case(1, 2, 1, 1, 17, 7, 32, dropout=0.1),
     Case(3, 2, 1, 17, 17, 5, 16, entries=4, lengths=True, dropout=0.25),
     Case(1, 2, 1, 5, 75, 40, 32, softcap=2.5, dropout=0.15),
+    Case(2, 1, 2, 40, 17, 3, 16, causal=False, masked=True, dropout=0.2),
 ]
 
 # Real sizes, run compiled on a GPU only (tests/test_triton.py, `pytest -m gpu`): GPT-2 and Llama-like heads, P up to

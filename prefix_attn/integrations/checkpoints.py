@@ -44,6 +44,8 @@ def save_pretrained(model, save_directory, *args, is_main_process: bool = True, 
         meta = {"format": _FORMAT, "weights": "full" if full else "trainable",
                 "base_model_name_or_path": getattr(model.config, "_name_or_path", "") or "",
                 "modules_to_save": list(binding.modules_to_save)}
+        if binding.layout is not None:  # an encoder-decoder
+            meta["layout"] = binding.layout
         with open(os.path.join(directory, META_FILENAME), "w") as f:
             json.dump(meta, f, indent=1)
     return result

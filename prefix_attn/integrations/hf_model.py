@@ -120,6 +120,7 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
     modules = attention_modules(model)
     found = sorted(m.layer_idx for m in modules)
     if seq2seq:
+        modules = seq2seq_parts.all_attention(model)
         prefixed = seq2seq_parts.prefix_modules(model, modules, layout)
     elif not found:
         raise NotImplementedError(f"{type(model).__name__} has no attention modules with a layer_idx (its attention "
@@ -214,6 +215,9 @@ def load_pretrained(path, model_class=None, *, model=None, prefix_device=None, f
     * else: a full checkpoint loads with ``model_class.from_pretrained(path, **from_pretrained_kwargs)`` (default
       ``transformers.AutoModelForCausalLM``); a trainable-only one loads its base model from the name or path it
       recorded (``prefix_attn.json``), then its trained tensors.
+
+    An encoder-decoder's checkpoint records its ``layout``; load it with
+    ``model_class=transformers.AutoModelForSeq2SeqLM``.
     """
     import transformers
 
@@ -245,7 +249,8 @@ def load_pretrained(path, model_class=None, *, model=None, prefix_device=None, f
     else:
         prefix = PrefixBank.load(bank_dir, device=prefix_device or device)
     return enable(model, prefix, freeze_model=freeze_model, ignore_attention_dropout=ignore_attention_dropout,
-                  modules_to_save=meta.get("modules_to_save") or None, save_full_model=meta.get("weights") == "full")
+                  modules_to_save=meta.get("modules_to_save") or None, save_full_model=meta.get("weights") == "full",
+                  layout=meta.get("layout", "peft"))
 
 
 def generate(model, *args, prefix_ids=None, **kwargs):

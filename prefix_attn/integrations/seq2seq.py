@@ -37,6 +37,12 @@ _REASONS = {
 }
 
 
+def all_attention(model) -> list:
+    """Every attention module of an encoder-decoder (``*Attention`` with a ``layer_idx`` attribute, which the
+    encoder's may leave None), in module order: layer order within the encoder and the decoder."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+
+
 def split_modules(model, modules) -> Tuple[list, list, list]:
     """(encoder self-attention, decoder self-attention, cross-attention) modules, each in layer order."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -50,7 +56,7 @@ def split_modules(model, modules) -> Tuple[list, list, list]:
             cross.append(m)
         else:
             dec.append(m)
-    return enc, dec, cross
+    return enc, sorted(dec, key=lambda m: m.layer_idx), sorted(cross, key=lambda m: m.layer_idx)
 
 
 def check_supported(model) -> None:
@@ -73,7 +79,7 @@ def prefix_modules(model, modules, layout: str) -> List:
         raise ValueError(f"expected one self-attention and one cross-attention per decoder layer 0..{expect - 1} "
                          f"in {type(model).__name__}")
     if layout == "li_liang":
-        if [m.layer_idx for m in enc] != list(range(config.encoder_layers)):
+        if len(enc) != config.encoder_layers:
             raise ValueError(f"expected one self-attention per encoder layer 0..{config.encoder_layers - 1} in "
                              f"{type(model).__name__}")
         return enc + dec + cross

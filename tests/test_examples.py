@@ -51,3 +51,16 @@ def test_ptuning_v2_classifier_example_runs(tmp_path):
     assert after >= 0.7 and after > before + 0.1, run.stdout[-3000:]
     assert "reloaded onto the stock base" in run.stdout and "(identical)" in run.stdout
     assert (tmp_path / "ptuning_v2" / "prefix.safetensors").is_file()
+
+
+def test_bart_summariser_example_runs(tmp_path):
+    """A prefix on a frozen tiny BART (Li & Liang's layout) learns the toy summary rule, and reloads identically."""
+    script = os.path.join(EXAMPLES, "bart_summariser.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    before = float(re.search(r"stock model: summary exact match ([\d.]+)", run.stdout).group(1))
+    after = float(re.search(r"summary rule: loss [\d.]+, summary exact match ([\d.]+)", run.stdout).group(1))
+    assert after >= 0.6 and after > before + 0.3, run.stdout[-3000:]
+    assert "(identical)" in run.stdout
+    assert (tmp_path / "summariser" / "prefix.safetensors").is_file()

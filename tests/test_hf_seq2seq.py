@@ -171,6 +171,20 @@ def test_peft_adapter_round_trip(tmp_path, layers):
             prefix.save_peft_adapter(os.fspath(tmp_path / "untied"), task_type="SEQ_2_SEQ_LM")
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_adapter_saved_by_peft_loads(tmp_path, projection):
+    base = seq2seq("bart", 2)
+    pm = peft_model(copy.deepcopy(base), projection=projection)
+    pm.save_pretrained(tmp_path / "peft")
+    prefix = PrefixTuning.from_peft_adapter(os.fspath(tmp_path / "peft"), base.config)
+    ours = prefix_attn.enable(copy.deepcopy(base), prefix)
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        want = pm(input_ids=ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, labels=labels).logits, want,
+                                   atol=2e-5, rtol=1e-5)
+
+
 def test_save_and_load_pretrained(tmp_path):
     base = seq2seq("bart", 2)
     model = prefix_attn.enable(copy.deepcopy(base), PrefixTuning(prefix_shape_from_config(base.config,
@@ -182,9 +196,13 @@ def test_save_and_load_pretrained(tmp_path):
     back = prefix_attn.load_pretrained(tmp_path / "ckpt", model=copy.deepcopy(base))
     assert back._prefix_attn_binding.layout == "li_liang"
     ids, mask, labels = batch()
+    model.save_pretrained(tmp_path / "full", full_model=True)
+    full = prefix_attn.load_pretrained(tmp_path / "full", transformers.AutoModelForSeq2SeqLM)
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, labels=labels).loss,
-                                   model(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=0, rtol=0)
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for loaded in (back, full):
+            torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, labels=labels).loss, want,
+                                       atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- Li & Liang
@@ -277,6 +295,11 @@ def test_refusals():
     with pytest.raises(NotImplementedError, match="relative position bias"):
         prefix_attn.enable(t5, PrefixTuning(prefix_attn.PrefixShape(2, 4, 8), P))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
+    m2m = transformers.M2M100ForConditionalGeneration(transformers.M2M100Config(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64))
+    with pytest.raises(NotImplementedError, match="cannot shift past the prefix"):
+        prefix_attn.enable(m2m, PrefixTuning(m2m.config, P))
     with pytest.raises(ValueError, match="for encoder-decoders"):
         prefix_attn.enable(gpt2, PrefixTuning(gpt2.config, P), layout="li_liang")
     peft_cfg = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P)

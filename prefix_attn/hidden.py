@@ -36,16 +36,16 @@ def attention_modules(model) -> list:
 def check_projectable(module, hidden_size=None) -> None:
     """NotImplementedError naming the module unless its key/value projections are ones this module reads (and, with
     ``hidden_size``, ValueError unless they take rows that wide)."""
-    if _is_gpt2(module) or _has_kv_proj(module):
-        width = (module.c_attn.weight.shape[0] if _is_gpt2(module) else module.k_proj.weight.shape[1])
+    if _is_gpt2(module) or _kv_layers(module):
+        width = (module.c_attn.weight.shape[0] if _is_gpt2(module) else _kv_layers(module)[0].weight.shape[1])
         if hidden_size is not None and width != hidden_size:
             raise ValueError(f"{type(module).__name__}'s key/value projections take {width} features but the "
                              f"hidden-state prefix rows have {hidden_size}")
         return
     raise NotImplementedError(
         f"parameterization='hidden' needs an attention module with GPT-2's c_attn or separate k_proj / v_proj "
-        f"layers; {type(module).__name__} has neither (materialize() a trained prefix elsewhere, or use the "
-        f"direct or MLP parameterisation)")
+        f"(BERT: key / value) layers; {type(module).__name__} has none (materialize() a trained prefix elsewhere, "
+        f"or use the direct or MLP parameterisation)")
 
 
 def _is_gpt2(module) -> bool:
@@ -55,8 +55,13 @@ def _is_gpt2(module) -> bool:
             and not getattr(module, "is_cross_attention", False))
 
 
-def _has_kv_proj(module) -> bool:
-    return all(hasattr(getattr(module, name, None), "weight") for name in ("k_proj", "v_proj"))
+def _kv_layers(module):
+    """The separate key and value projections (``k_proj`` / ``v_proj``, BERT's ``key`` / ``value``), or None."""
+    for names in (("k_proj", "v_proj"), ("key", "value")):
+        layers = tuple(getattr(module, name, None) for name in names)
+        if all(isinstance(getattr(layer, "weight", None), torch.Tensor) for layer in layers):
+            return layers
+    return None
 
 
 def _weight(layer, rows, columns=slice(None)):
@@ -89,9 +94,10 @@ def project_kv(module, rows: torch.Tensor, num_kv_heads: int, head_dim: int) -> 
         v = rows @ w[:, E:]
         if b is not None:
             k, v = k + b[E:2 * E], v + b[2 * E:3 * E]
-    elif _has_kv_proj(module):
-        k = F.linear(rows, _weight(module.k_proj, rows), _bias(module.k_proj, rows))
-        v = F.linear(rows, _weight(module.v_proj, rows), _bias(module.v_proj, rows))
+    elif _kv_layers(module):
+        key, value = _kv_layers(module)
+        k = F.linear(rows, _weight(key, rows), _bias(key, rows))
+        v = F.linear(rows, _weight(value, rows), _bias(value, rows))
     else:
         check_projectable(module)
         raise AssertionError("unreachable")

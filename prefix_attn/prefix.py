@@ -199,6 +199,9 @@ class PrefixTuning(nn.Module):
 
         modules = model_or_attention_modules
         if isinstance(modules, nn.Module):
+            if getattr(getattr(modules, "config", None), "is_encoder_decoder", False):
+                raise ValueError("an encoder-decoder's attention modules follow its layout (enable(model, prefix, "
+                                 "layout=...) binds them): pass them as a list in the prefix's layer order")
             modules = hidden.attention_modules(modules)
         modules = list(modules)
         if len(modules) != self.num_layers:

@@ -191,3 +191,39 @@ def test_unsupported_models_are_refused_at_enable_with_the_reason(name, reason):
         prefix_attn.enable(model, PrefixTuning(prefix_attn.PrefixShape(LAYERS, 4, 8), P))
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
     assert not prefix_attn.integrations.transformers.is_enabled(model)
+
+
+class _HandKV:
+    """The K/V of a hidden-state prefix computed by hand (rows @ W^T + b through each layer's key / value)."""
+
+    def __init__(self, modules, rows):
+        self.modules, self.rows = modules, rows
+
+    def key_value(self):
+        out = []
+        for layer, m in enumerate(self.modules):
+            k, v = m.key(self.rows[layer]), m.value(self.rows[layer])
+            out.append(torch.stack([t.view(P, 4, 8).transpose(0, 1) for t in (k, v)]))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_hidden_state_prefix_projects_through_key_value(family):
+    """BERT-style attention has ``key`` / ``value`` projections: a hidden-state prefix reads them, frozen."""
+    base = bert("seq", family).eval()
+    ours = copy.deepcopy(base)
+    prefix = PrefixTuning(base.config, P, parameterization="hidden")
+    with torch.no_grad():
+        prefix.prefix_hidden.normal_(0.0, 1.0)
+    rows = prefix.prefix_hidden.detach().clone().requires_grad_(True)
+    prefix_attn.enable(ours, prefix, modules_to_save=["classifier"])
+    ids, mask, labels = batch("seq")
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    from prefix_attn.hidden import attention_modules
+
+    want = oracle(base, _HandKV(attention_modules(base), rows), ids, mask, labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-6, rtol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(prefix.prefix_hidden.grad, rows.grad, atol=2e-6, rtol=1e-5)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if ".key." in n or ".value." in n)

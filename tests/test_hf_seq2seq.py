@@ -307,3 +307,28 @@ def test_refusals():
         peft_shape(peft_cfg.__class__(**{**peft_cfg.to_dict(), "num_layers": 1,
                                                                   "num_attention_heads": 2, "token_dim": 16,
                                                                   "num_transformer_submodules": 2}), gpt2.config)
+
+
+def test_hidden_state_prefix_in_every_attention():
+    """A hidden-state prefix projects each slot through its own module's frozen k_proj / v_proj (the encoder's,
+    the decoder's self-attention, the cross-attention); materialize() keeps the outputs."""
+    base = seq2seq("bart", 2)
+    shape = prefix_shape_from_config(base.config, layout="li_liang")
+    prefix = PrefixTuning(shape, P, parameterization="hidden", hidden_size=32)
+    with torch.no_grad():
+        prefix.prefix_hidden.normal_(0.0, 1.0)
+    ours = prefix_attn.enable(copy.deepcopy(base), prefix, layout="li_liang")
+    enc, dec, cross = split_modules(ours, all_attention(ours))
+    kv = prefix.key_value()
+    for i, m in enumerate(enc + dec + cross):
+        torch.testing.assert_close(kv[i, 0], m.k_proj(prefix.prefix_hidden[i]).view(P, 4, 8).transpose(0, 1))
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask, labels=labels).logits
+    with pytest.raises(ValueError, match="follow its layout"):
+        copy.deepcopy(prefix).bind(ours)
+    direct = copy.deepcopy(prefix).bind(enc + dec + cross).materialize()
+    again = prefix_attn.enable(copy.deepcopy(base), direct, layout="li_liang")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, want,
+                                   atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends, checks
+from . import backends, checks, decode
 from . import dropout as _dropout
 from .backends import BACKENDS, available_backends  # noqa: F401  (re-exported)
 from .backends import cpu_status as _cpu_status  # noqa: F401  (re-exported for the tests)
@@ -177,6 +177,17 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
             raise ValueError(f"head_dim={head_dim} is above the Triton kernels' limit of {TRITON_MAX_HEAD_DIM}")
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad) and not (
+            prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
+        _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
+
+        def text(q_, k_, v_, empty_k, empty_v):
+            return _fwd_op(q_, k_, v_, empty_k, empty_v, mask, None, None, None, None, 0, 0, causal, scale, softcap,
+                           0.0, None, backend)
+
+        return decode.forward(text, q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal, scale,
+                              softcap)[0]
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                                          cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale, softcap,
                                          dropout_p, seed, backend)

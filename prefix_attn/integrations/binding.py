@@ -125,6 +125,7 @@ class Binding:
         ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
         if values:
             checks.known(ids, "min_max", (min(values), max(values)))
+        checks.known(ids, "list", values)
         if torch.is_grad_enabled():  # the grouping serves the backward only
             checks.known(ids, "used_entries", checks.group_rows_host(values, device))
         return {"prefix_ids": ids, "prefix_lengths": lengths}

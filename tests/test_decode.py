@@ -1,0 +1,99 @@
+"""The decode path (prefix_attn/decode.py): few queries per row, no gradient. Its output must meet the grid's rule
+against the float64 reference (2x plain PyTorch's own error at that precision), on every backend, and the path must
+be the one taken (generate() takes it with no option)."""
+
+import os
+
+import pytest
+import torch
+from prefix_grid import FLOOR, Case, case_args, dtype_id, make_inputs, reference_fn
+
+from prefix_attn import decode, ops, prefix_attention
+
+# len_q 1 and 16; GQA 1 / 4 / 8; P = 1, odd, larger than a block; padding (one row down to a single key); softcap;
+# a bank with unused entries, per-entry lengths (0 included) and every row on one entry; non-causal
+DECODE_GRID = [
+    Case(8, 2, 1, 1, 17, 5, 16, masked=True),
+    Case(4, 1, 4, 1, 33, 40, 32),
+    Case(2, 1, 8, 16, 40, 33, 64, masked=True),
+    Case(9, 2, 1, 16, 16, 1, 16),
+    Case(8, 2, 2, 1, 20, 7, 24, softcap=2.5),
+    Case(8, 1, 2, 1, 17, 5, 16, entries=4, masked=True),
+    Case(6, 2, 4, 3, 20, 9, 16, entries=3, lengths=True),
+    Case(8, 1, 1, 1, 13, 4, 16, entries=2, ids="same"),
+    Case(4, 2, 4, 4, 13, 6, 32, causal=False, masked=True),
+]
+BACKENDS = ["cpu", "triton"]
+
+
+def _backend_ok(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    if backend not in ops.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", DECODE_GRID, ids=str)
+def test_decode_grid(case, dtype, backend, monkeypatch):
+    _backend_ok(backend)
+    monkeypatch.setattr(decode, "DECODE_MIN_ROWS", 1)  # every case on the path (the threshold is a speed rule)
+    taken = []
+    real = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    q, k, v, pk, pv, mask, _ = make_inputs(case, dtype)
+    extra = case_args(case)
+    cap = {"softcap": case.softcap} if case.softcap else {}
+    with torch.no_grad():
+        got = prefix_attention(q, k, v, pk, pv, causal=case.causal, attention_mask=mask, backend=backend,
+                               **extra, **cap)
+        want = reference_fn(torch.float64, case.softcap, **extra)(*(t.double() for t in (q, k, v, pk, pv)),
+                                                                  causal=case.causal, attention_mask=mask)
+        plain = reference_fn(dtype, case.softcap, **extra)(q, k, v, pk, pv, causal=case.causal,
+                                                           attention_mask=mask)
+    assert taken, "the decode path was not taken"
+    assert got.dtype == dtype and got.shape == q.shape and torch.isfinite(got).all()
+    err = (got.double() - want).abs().max().item()
+    bound = 2.0 * (plain.double() - want).abs().max().item() + FLOOR[dtype] * max(1.0, want.abs().max().item())
+    assert err <= bound, f"{case} {dtype_id(dtype)}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def test_decode_path_only_without_gradients_and_dropout(monkeypatch):
+    case = DECODE_GRID[0]
+    q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)
+    taken = []
+    real = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    pk.requires_grad_(True)
+    out = prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend="cpu")
+    assert not taken and out.requires_grad  # training: the fused kernels (one backward for all five inputs)
+    with torch.no_grad():
+        prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend="cpu", dropout_p=0.1, dropout_seed=3)
+        assert not taken
+        prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend="cpu")
+        assert taken
+    long_q = torch.randn(case.batch, case.heads_q, decode.DECODE_MAX_LEN_Q + 1, case.head_dim)
+    k2 = torch.randn(case.batch, case.heads_kv, decode.DECODE_MAX_LEN_Q + 1, case.head_dim)
+    taken.clear()
+    with torch.no_grad():
+        prefix_attention(long_q, k2, k2, pk, pv, backend="cpu")
+    assert not taken
+
+
+def test_fully_padded_rows_without_prefix_entry_output_zeros():
+    """A bank row on an empty entry whose text keys are all padded sees no key: zeros, as the kernels give."""
+    q = torch.randn(8, 2, 1, 16)
+    k, v = torch.randn(8, 2, 5, 16), torch.randn(8, 2, 5, 16)
+    pk, pv = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    mask[3] = False
+    ids = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
+    lengths = torch.tensor([3, 0], dtype=torch.int32)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, attention_mask=mask, prefix_ids=ids, prefix_lengths=lengths,
+                               backend="cpu")
+        fused = ops.PrefixAttentionFunction.apply(q, k, v, pk, pv, mask, ids, lengths, None, None, 0, 0, True,
+                                                  16**-0.5, 0.0, 0.0, None, "cpu")
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    torch.testing.assert_close(out, fused, atol=1e-6, rtol=1e-5)

@@ -10,6 +10,8 @@ import torch
 import transformers
 
 NEW_CACHE = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
+# from 5.25 Falcon (RoPE checkpoints) runs its attention through AttentionInterface
+FALCON_INTERFACE = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 25)
 CACHE_KW = "cache" if NEW_CACHE else "past_key_values"
 
 

@@ -180,9 +180,9 @@ def test_unreadable_config_message_names_a_real_constructor():
 def test_version_outside_the_tested_range_warns_once(monkeypatch):
     monkeypatch.setattr(hf_attention, "_warned_version", [])
     assert hf.check_version(hf.TESTED_TRANSFORMERS[0] + ".0") and hf.check_version(hf.TESTED_TRANSFORMERS[1] + ".3")
-    with pytest.warns(UserWarning, match="tested with transformers 5.23 to 5.24"):
+    with pytest.warns(UserWarning, match="tested with transformers 5.23 to 5.25"):
         assert not hf.check_version("5.30.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not hf.check_version("5.31.0")  # once per process
-    assert hf.check_version() or transformers.__version__ not in ("5.23.0", "5.24.0")
+    assert hf.check_version() or transformers.__version__ not in ("5.23.0", "5.24.0", "5.25.0")

@@ -22,11 +22,11 @@ import prefix_attn  # noqa: E402
 from prefix_attn import PrefixTuning  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_versions import CACHE_KW, NEW_CACHE, cache_out, greedy_without_cache  # noqa: E402
+from hf_versions import CACHE_KW, FALCON_INTERFACE, NEW_CACHE, cache_out, greedy_without_cache  # noqa: E402
 
 T = transformers
 P = 5
-# from 5.24 GPT-J and CodeGen run attention through AttentionInterface (hf_versions.py: what else changed)
+# from 5.24 GPT-J and CodeGen run attention through AttentionInterface, from 5.25 Falcon (hf_versions.py)
 VOCAB = 101
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -95,6 +95,9 @@ def model(name):
                                                        n_positions=96, rotary_dim=8, bos_token_id=1, eos_token_id=2)),
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                                              num_attention_heads=4, bos_token_id=1, eos_token_id=2)),
+        "falcon_alibi": lambda: T.FalconForCausalLM(T.FalconConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+            bos_token_id=1, eos_token_id=2)),
         "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4,
                                                           bos_token_id=1, eos_token_id=2)),
         "gpt_oss": lambda: T.GptOssForCausalLM(cfg(T.GptOssConfig, head_dim=16, num_local_experts=4,
@@ -129,6 +132,7 @@ REFUSE = {
     "gptj": ("enable", RuntimeError, "AttentionInterface"),
     "codegen": ("enable", RuntimeError, "AttentionInterface"),
     "falcon": ("enable", RuntimeError, "AttentionInterface"),
+    "falcon_alibi": ("enable", NotImplementedError, "ALiBi"),
     "bloom": ("enable", RuntimeError, "AttentionInterface"),
     "gpt_oss": ("call", NotImplementedError, "attention sinks"),
     "gemma2_short_window": ("call", (NotImplementedError, ValueError), "sliding window"),
@@ -140,6 +144,8 @@ REFUSE = {
 
 if NEW_CACHE:  # GPT-J and CodeGen run their attention through AttentionInterface
     MATCH += [REFUSE.pop("gptj") and "gptj", REFUSE.pop("codegen") and "codegen"]
+if FALCON_INTERFACE:  # Falcon (RoPE; multi-query by default) runs its attention through AttentionInterface
+    MATCH += [REFUSE.pop("falcon") and "falcon"]
 
 
 def padded_batch():

@@ -47,7 +47,7 @@ __all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "check
 ATTN_IMPLEMENTATION = "prefix_attn"
 # The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
 # (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
-TESTED_TRANSFORMERS = ("5.23", "5.24")
+TESTED_TRANSFORMERS = ("5.23", "5.25")
 _warned_version = []
 
 

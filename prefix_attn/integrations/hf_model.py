@@ -112,6 +112,10 @@ def enable(model, prefix: PrefixTuning, *, freeze_model: bool = True, ignore_att
         raise NotImplementedError("a PrefixBank on an encoder-decoder: not supported (one PrefixTuning only)")
     if seq2seq:
         seq2seq_parts.check_supported(model)
+    if getattr(config, "alibi", False):
+        raise NotImplementedError(f"{type(model).__name__} uses ALiBi (config.alibi=True): its position bias is "
+                                  f"added to the attention mask as float values, and prefix_attn's kernels take no "
+                                  f"additive bias; use a RoPE checkpoint of the family (alibi=False)")
     if getattr(config, "kv_lora_rank", None) is not None:
         raise NotImplementedError(f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank): its "
                                   f"keys and values have different head sizes; prefix_attn does not support it")

@@ -64,10 +64,76 @@ at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool tr
   return t;
 }
 
+// A few rows of A (a decode step's queries, a GQA group's heads): a BLAS call per tile costs more than the
+// arithmetic, so the product is computed here, in a fixed order (deterministic run to run), each row of B read
+// once for all the rows of A. Compiled for AVX-512, AVX2+FMA and baseline x86-64, picked once at load time.
+constexpr int64_t kSmallM = 8;
+
+template <typename T>
+__attribute__((always_inline)) inline void small_gemm_body(bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+                                                           const T* A, int64_t lda, const T* B, int64_t ldb, T beta,
+                                                           T* C, int64_t ldc) {
+  if (trans_b) {  // C = alpha A B^T + beta C: one dot product per (row, column), B's rows contiguous
+    for (int64_t j = 0; j < N; ++j) {
+      const T* b = B + j * ldb;
+      for (int64_t r = 0; r < M; ++r) {
+        const T* a = A + r * lda;
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t x = 0; x < K; ++x) acc += a[x] * b[x];
+        T* c = C + r * ldc + j;
+        *c = alpha * acc + (beta == T(0) ? T(0) : beta * *c);
+      }
+    }
+    return;
+  }
+  // C = alpha A B + beta C: rows of B scaled and added, contiguous
+  for (int64_t r = 0; r < M; ++r) {
+    T* c = C + r * ldc;
+    if (beta == T(0)) {
+      for (int64_t j = 0; j < N; ++j) c[j] = T(0);
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+  }
+  for (int64_t x = 0; x < K; ++x) {
+    const T* b = B + x * ldb;
+    for (int64_t r = 0; r < M; ++r) {
+      const T w = alpha * A[r * lda + x];
+      if (w == T(0)) continue;
+      T* c = C + r * ldc;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += w * b[j];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define PREFIX_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PREFIX_ATTN_CLONES
+#endif
+
+PREFIX_ATTN_CLONES static void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                                          const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                                          float* C, int64_t ldc) {
+  small_gemm_body<float>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+PREFIX_ATTN_CLONES static void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+                                          const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
+                                          double* C, int64_t ldc) {
+  small_gemm_body<double>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
           int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (!trans_a && M <= kSmallM) {
+    small_gemm(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
   const Blas& bl = blas();
   if (bl.use && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX &&
       ldc < INT32_MAX) {

@@ -3,8 +3,11 @@
 The prefix is shared by the rows (or, with a bank, by the rows that chose one entry), so its part of the
 attention is one product per kv head for all of them: the queries of every row and of every query head of a GQA
 group folded into the M dimension, ``[heads_kv, rows * group * len_q, D] @ [heads_kv, D, P]`` (Hydragen,
-FlashInfer's cascade). The prefix is read once, not once per row. The text part (each row's own cache) runs
-through the backend's kernel with an empty prefix. The two parts are merged by their log-sum-exp.
+FlashInfer's cascade). The prefix is read once, not once per row. Both parts run through the backend's own kernel
+with an empty prefix: the prefix part as one sequence of ``rows * group * len_q`` queries per kv head against the
+prefix as its keys (no causal mask: every query sees every prefix slot), the text part per row, a GQA group's
+query heads folded into one sequence when the causal mask allows (``len_q == 1``), so a kv head is read once. The
+two parts are merged by their log-sum-exp.
 
 Shapes as in ``prefix_attention``. The merged ``lse`` keeps the kernels' convention: ``+inf`` for a query that
 sees no key at all.
@@ -33,21 +36,35 @@ def applies(q, prefix_k, prefix_v, packed: bool, dropout_p: float, needs_grad: b
     return rows >= DECODE_MIN_ROWS
 
 
-def _prefix_part(q, pk, pv, scale: float, softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q ``[R, Hq, Lq, D]``, pk/pv ``[Hkv, P, D]`` -> out ``[R, Hq, Lq, D]`` float32, lse ``[R, Hq, Lq]``."""
+def _fold(q, heads_kv: int):
+    """``[R, Hq, Lq, D]`` -> ``[1, Hkv, R * group * Lq, D]``: every row's queries of a kv head in one sequence."""
     rows, heads_q, len_q, head_dim = q.shape
-    heads_kv = pk.shape[0]
-    group = heads_q // heads_kv
-    qf = q.reshape(rows, heads_kv, group * len_q, head_dim).transpose(0, 1).reshape(heads_kv, -1, head_dim)
-    if qf.dtype != torch.float32 and qf.dtype != torch.float64:
-        qf, pk, pv = qf.float(), pk.float(), pv.float()
-    s = torch.bmm(qf, pk.to(qf.dtype).transpose(1, 2)).mul_(scale)  # [Hkv, M, P]
-    if softcap > 0:
-        s = torch.tanh(s.div_(softcap)).mul_(softcap)
-    lse = torch.logsumexp(s, -1)
-    out = torch.bmm(torch.exp(s.sub_(lse[..., None])), pv.to(qf.dtype))  # [Hkv, M, D]
-    out = out.view(heads_kv, rows, group * len_q, head_dim).transpose(0, 1).reshape(rows, heads_q, len_q, head_dim)
-    return out, lse.view(heads_kv, rows, group * len_q).transpose(0, 1).reshape(rows, heads_q, len_q)
+    return q.reshape(rows, heads_kv, -1, head_dim).transpose(0, 1).reshape(1, heads_kv, -1, head_dim)
+
+
+def _unfold(x, shape):
+    """The inverse of ``_fold`` for the output ``[1, Hkv, M, D]`` (or lse ``[1, Hkv, M]``)."""
+    rows, heads_q, len_q = shape[:3]
+    heads_kv = x.shape[1]
+    tail = x.shape[3:]
+    return x[0].reshape(heads_kv, rows, -1, *tail).transpose(0, 1).reshape(rows, heads_q, len_q, *tail)
+
+
+def _prefix_part(attend, q, pk, pv):
+    """The queries ``[R, Hq, Lq, D]`` against one prefix ``[Hkv, P, D]``, as one sequence per kv head."""
+    out, lse = attend(_fold(q, pk.shape[0]), pk[None], pv[None], False, None)
+    return _unfold(out, q.shape), _unfold(lse, q.shape)
+
+
+def _text_part(attend, q, k, v, mask, causal: bool):
+    """Each row's queries against its own keys. One query per head (the usual decode step) or no causal mask: the
+    query heads of a GQA group are one sequence of ``group * len_q`` queries of their kv head, which is read once."""
+    heads_kv = k.shape[1]
+    rows, heads_q, len_q, head_dim = q.shape
+    if heads_q == heads_kv or (causal and len_q > 1):
+        return attend(q, k, v, causal, mask)
+    out, lse = attend(q.reshape(rows, heads_kv, -1, head_dim), k, v, False, mask)
+    return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
 def _groups(values, device):
@@ -58,34 +75,31 @@ def _groups(values, device):
     return [(e, torch.tensor(r, dtype=torch.long, device=device)) for e, r in sorted(rows.items())]
 
 
-def forward(text_fwd, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torch.Tensor],
-            prefix_lengths: Optional[torch.Tensor], causal: bool, scale: float,
-            softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (out like q, lse [B, Hq, Lq]). ``text_fwd(q, k, v, empty_k, empty_v)``: the backend's forward
-    with an empty prefix, -> (out, lse)."""
-    heads_kv, head_dim = k.shape[1], q.shape[3]
-    empty = prefix_k.new_empty(heads_kv, 0, head_dim)
-    out_t, lse_t = text_fwd(q, k, v, empty, empty)
+def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torch.Tensor],
+            prefix_lengths: Optional[torch.Tensor], causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (out like q, lse [B, Hq, Lq]). ``attend(q, k, v, causal, mask) -> (out, lse)``: the backend's kernel
+    with an empty prefix (the softmax scale and softcap of the call bound in)."""
+    out_t, lse_t = _text_part(attend, q, k, v, mask, causal)
     if prefix_ids is None:
-        out_p, lse_p = _prefix_part(q, prefix_k, prefix_v, scale, softcap)
+        out_p, lse_p = _prefix_part(attend, q, prefix_k, prefix_v)
     else:
-        out_p = q.new_zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        lse_p = out_p.new_full(q.shape[:3], float("-inf"))
+        out_p = torch.zeros_like(q)
+        lse_p = q.new_full(q.shape[:3], float("inf"), dtype=lse_t.dtype)
         lengths = None if prefix_lengths is None else checks.host_list(prefix_lengths)
         groups = checks.memo(prefix_ids, "decode_groups", lambda: _groups(checks.host_list(prefix_ids), q.device))
         for entry, rows in groups:
             size = prefix_k.shape[2] if lengths is None else lengths[entry]
             if size == 0:
                 continue
-            o, s = _prefix_part(q.index_select(0, rows), prefix_k[entry, :, :size], prefix_v[entry, :, :size],
-                                scale, softcap)
+            o, s = _prefix_part(attend, q.index_select(0, rows), prefix_k[entry, :, :size], prefix_v[entry, :, :size])
             out_p.index_copy_(0, rows, o)
-            lse_p.index_copy_(0, rows, s.to(lse_p.dtype))
-    lse_t = lse_t.to(lse_p.dtype)
-    lse_t = lse_t.masked_fill(lse_t == float("inf"), float("-inf"))  # no visible text key
+            lse_p.index_copy_(0, rows, s)
+    # the kernels' lse is +inf for a query that sees no key: -inf here, so that its weight is 0
+    lse_p, lse_t = (x.masked_fill(x == float("inf"), float("-inf")) for x in (lse_p, lse_t))
     lse = torch.logaddexp(lse_p, lse_t)
     seen = lse > float("-inf")
     w_p = torch.where(seen, torch.exp(lse_p - lse), 0.0)[..., None]
     w_t = torch.where(seen, torch.exp(lse_t - lse), 0.0)[..., None]
-    out = (out_p * w_p).add_(out_t.to(out_p.dtype) * w_t)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = (out_p.to(acc) * w_p).add_(out_t.to(acc) * w_t)
     return out.to(q.dtype), lse.masked_fill(~seen, float("inf"))

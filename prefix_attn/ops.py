@@ -182,12 +182,13 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
             prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
         _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
 
-        def text(q_, k_, v_, empty_k, empty_v):
-            return _fwd_op(q_, k_, v_, empty_k, empty_v, mask, None, None, None, None, 0, 0, causal, scale, softcap,
+        empty = prefix_k.new_empty(k.shape[1], 0, head_dim)
+
+        def attend(q_, k_, v_, causal_, mask_):
+            return _fwd_op(q_, k_, v_, empty, empty, mask_, None, None, None, None, 0, 0, causal_, scale, softcap,
                            0.0, None, backend)
 
-        return decode.forward(text, q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal, scale,
-                              softcap)[0]
+        return decode.forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal)[0]
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                                          cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale, softcap,
                                          dropout_p, seed, backend)

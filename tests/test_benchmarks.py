@@ -243,10 +243,6 @@ def test_dropout_benchmark_quick_run(capsys):
     assert "p=0.1 / p=0" in out and out.strip().splitlines()[-1].startswith("| 2 | 4 | 128 | 64 | 16 |")
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_benchmarks_run_on_a_tiny_shape(dtype):
     """bench_cpu.py's correctness gate and side-by-side timing, and profile_cpu.py's phases, end to end."""
@@ -267,3 +263,27 @@ def test_cpu_benchmarks_run_on_a_tiny_shape(dtype):
     phases = profile_cpu.phases(cfg, dtype, rounds=1)
     assert all(phases[k] > 0 for k in ("fwd", "bwd", "bwd dq", "bwd dkv", "bwd prefix"))
     assert bench_cpu.mm_rate(n=64, repeats=3) > 0
+
+
+def test_decode_benchmarks_run_on_a_tiny_shape(monkeypatch, capsys):
+    """bench_decode_cpu.py (its float64 check of every variant, shared prefix and bank) and bench_generate.py end
+    to end on tiny shapes."""
+    from prefix_attn import cpu as cpu_backend
+
+    if not cpu_backend.is_available()[0]:
+        pytest.skip("native CPU kernel unavailable")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    decode_bench, generate_bench = _load("bench_decode_cpu"), _load("bench_generate")
+    monkeypatch.setattr(decode_bench, "SHAPES", [(16, 4, 2, 9, 33, 16, 0), (1, 2, 2, 5, 7, 8, 0), (1, 2, 2, 5, 7, 8, 0),
+                                                 (1, 2, 2, 5, 7, 8, 0), (16, 4, 4, 5, 17, 8, 3)])
+    decode_bench.main(["--quick", "--rounds", "1"])
+    decode_bench.main(["--quick", "--rounds", "1", "--len-q", "3"])
+    generate_bench.main(["--quick", "--batch", "3", "--prefix", "6", "--prompt", "4", "--new", "2"])
+    out = capsys.readouterr().out
+    assert "| B16 Hq4 Hkv2 T9 P33 D16 |" in out and "| B16 Hq4 Hkv4 T5 P17 D8 bank3 |" in out
+    assert "| gpt2 |" in out and "| llama |" in out and "| no |" not in out  # PEFT's tokens, where it runs
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

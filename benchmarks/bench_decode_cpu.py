@@ -132,7 +132,7 @@ def main(argv=None):
             for name, fn in calls.items():
                 err = (fn().double() - want).abs().max().item()
                 assert err < 1e-4, f"{name} at {shape}: max error {err:.2e}"
-            times = side_by_side(lambda name: calls[name], list(calls), rounds)
+            times = side_by_side(lambda name, calls=calls: calls[name], list(calls), rounds)
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         ratio = {name: statistics.median(round_ratios(times, name, "prefix_attn")) for name in calls}
         label = f"B{B} Hq{Hq} Hkv{Hkv} T{T} P{P} D{D}" + (f" bank{N}" if N else "")

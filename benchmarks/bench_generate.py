@@ -84,14 +84,14 @@ def main(argv=None):
         ours = prefix_attn.enable(base, prefix_attn.PrefixTuning.from_peft(pm))
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                   do_sample=False, pad_token_id=0)
-        calls = {"prefix_attn": lambda: ours.generate(**kw)}
+        calls = {"prefix_attn": lambda ours=ours, kw=kw: ours.generate(**kw)}
         if peft_works:
-            calls["peft"] = lambda: pm.generate(**kw)
+            calls["peft"] = lambda pm=pm, kw=kw: pm.generate(**kw)
         with torch.no_grad():
             outs = {name: fn() for name, fn in calls.items()}
             same = "yes" if peft_works and torch.equal(outs["prefix_attn"], outs["peft"]) else (
                 "no" if peft_works else "-")
-            times = side_by_side(lambda name: calls[name], list(calls), rounds)
+            times = side_by_side(lambda name, calls=calls: calls[name], list(calls), rounds)
         tps = {name: args.batch * args.new / statistics.median(t) for name, t in times.items()}
         if peft_works:
             speed = statistics.median(p / o for o, p in zip(times["prefix_attn"], times["peft"]))

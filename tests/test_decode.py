@@ -97,3 +97,65 @@ def test_fully_padded_rows_without_prefix_entry_output_zeros():
                                                   16**-0.5, 0.0, 0.0, None, "cpu")
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     torch.testing.assert_close(out, fused, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_prefix_decode_step_reads_no_host_values(backend, monkeypatch):
+    """A shared prefix's decode step reads no tensor value on the host (on a GPU: no synchronisation, nothing that
+    stops a CUDA graph from capturing it)."""
+    _backend_ok(backend)
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from host_reads import HostReads
+
+    taken = []
+    real = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    q, k, v = torch.randn(8, 4, 1, 16), torch.randn(8, 2, 9, 16), torch.randn(8, 2, 9, 16)
+    pk, pv = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    mask = torch.ones(8, 9, dtype=torch.bool)
+    mask[2, :4] = False
+    with torch.no_grad():
+        prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend=backend)  # one-time work
+        with HostReads() as counted:
+            prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend=backend)
+    assert taken and counted.count == 0, dict(counted.where)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads_q,heads_kv", [(12, 12), (32, 8)])
+def test_decode_step_is_captured_by_a_cuda_graph(heads_q, heads_kv):
+    """On a GPU: a decode step (len_q = 1, shared prefix, padded cache) captured in a CUDA graph and replayed on new
+    inputs equals the eager step."""
+    dev = torch.device("cuda")
+    B, T, P, D = 32, 64, 96, 64
+
+    def fresh():
+        return (torch.randn(B, heads_q, 1, D, device=dev, dtype=torch.bfloat16),
+                torch.randn(B, heads_kv, T, D, device=dev, dtype=torch.bfloat16),
+                torch.randn(B, heads_kv, T, D, device=dev, dtype=torch.bfloat16))
+
+    pk = torch.randn(heads_kv, P, D, device=dev, dtype=torch.bfloat16)
+    pv = torch.randn(heads_kv, P, D, device=dev, dtype=torch.bfloat16)
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    mask[1, :10] = False
+    q, k, v = fresh()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the capture (compilation, caches)
+                prefix_attention(q, k, v, pk, pv, attention_mask=mask)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = prefix_attention(q, k, v, pk, pv, attention_mask=mask)
+        for _ in range(2):
+            nq, nk, nv = fresh()
+            q.copy_(nq), k.copy_(nk), v.copy_(nv)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = prefix_attention(q, k, v, pk, pv, attention_mask=mask)
+            torch.testing.assert_close(out, eager, atol=0, rtol=0)

@@ -3,6 +3,7 @@ builds, float32, side by side.
 
     python benchmarks/bench_decode_cpu.py            # the issue's shapes; results in benchmarks/results/
     python benchmarks/bench_decode_cpu.py --quick    # fewer rounds
+    python benchmarks/bench_decode_cpu.py --threshold  # the decode path forced on / off at small batches
 
 Variants, all on the same q, text cache and prefix (``len_q`` new queries, bottom-right causal):
 
@@ -104,17 +105,49 @@ def cache_mib(shape, name):
     return 2 * 4 * kept / 2**20
 
 
+def threshold(rounds, len_qs=(1, 16), batches=(1, 2, 4, 8, 16)):
+    """The decode path forced on and off (``decode.DECODE_MIN_*``) at small batches: where it starts to pay."""
+    from prefix_attn import decode
+
+    saved = decode.DECODE_MIN_ROWS, decode.DECODE_MIN_READERS
+    print("| len_q | shape | decode path ms | fused ms | fused / decode |\n|---|---|---|---|---|")
+    try:
+        for len_q in len_qs:
+            for B in batches:
+                for Hq, Hkv, T, P, D in ((12, 12, 256, 2048, 64), (32, 8, 512, 1024, 128)):
+                    q, k, v, pk, pv, _ = make((B, Hq, Hkv, T, P, D, 0), len_q)
+
+                    def run(on, q=q, k=k, v=v, pk=pk, pv=pv):
+                        def call():
+                            decode.DECODE_MIN_ROWS, decode.DECODE_MIN_READERS = (1, 1) if on else (10**9, 10**9)
+                            return prefix_attention(q, k, v, pk, pv)
+                        return call
+
+                    with torch.no_grad():
+                        times = side_by_side(lambda name, run=run: run(name == "decode"), ["decode", "fused"],
+                                             rounds)
+                    med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+                    ratio = statistics.median(round_ratios(times, "fused", "decode"))
+                    print(f"| {len_q} | B{B} Hq{Hq} Hkv{Hkv} T{T} P{P} D{D} | {med['decode']:.2f} | "
+                          f"{med['fused']:.2f} | {ratio:.2f}x |", flush=True)
+    finally:
+        decode.DECODE_MIN_ROWS, decode.DECODE_MIN_READERS = saved
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--len-q", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threshold", action="store_true", help="only the decode path on / off at small batches")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
+    if args.threshold:
+        return threshold(rounds)
     shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
     lines = [f"# Decode step on the CPU: {cpu_model()}, {torch.get_num_threads()} threads", "",
              f"float32, len_q={args.len_q}, torch {torch.__version__}, commit {git_commit()}, "

@@ -22,18 +22,22 @@ import torch
 from . import checks
 
 DECODE_MAX_LEN_Q = 16
-# below this many prefix queries per kv head (rows * group * len_q) the fused kernel is as fast: one launch
-DECODE_MIN_ROWS = 8
+# The prefix part pays for its merge once the prefix is shared widely enough: at least this many rows, and this
+# many query sequences (rows x GQA group; a bank: per entry in use) reading each of its kv heads. Below, the fused
+# kernel is as fast or faster (`python benchmarks/bench_decode_cpu.py --threshold`, AMD EPYC, 2 threads, len_q = 1:
+# MHA B = 8 0.99x, B = 16 1.78x; GQA 4 B = 2 0.95x, B = 4 1.17x).
+DECODE_MIN_ROWS = 2
+DECODE_MIN_READERS = 16
 
 
 def applies(q, prefix_k, prefix_v, packed: bool, dropout_p: float, needs_grad: bool) -> bool:
     """Whether a forward takes the decode path (``generate()`` does, with no option)."""
     if packed or needs_grad or dropout_p > 0 or q.shape[2] > DECODE_MAX_LEN_Q or prefix_k.shape[-2] == 0:
         return False
-    rows = q.shape[0] * q.shape[1] // prefix_k.shape[-3] * q.shape[2]
-    if prefix_k.dim() == 4:  # a bank: rows per entry used
-        rows = rows // max(prefix_k.shape[0], 1)
-    return rows >= DECODE_MIN_ROWS
+    readers = q.shape[0] * (q.shape[1] // prefix_k.shape[-3])
+    if prefix_k.dim() == 4:  # a bank: readers per entry
+        readers = readers // max(prefix_k.shape[0], 1)
+    return q.shape[0] >= DECODE_MIN_ROWS and readers >= DECODE_MIN_READERS
 
 
 def _fold(q, heads_kv: int):

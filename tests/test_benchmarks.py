@@ -279,8 +279,10 @@ def test_decode_benchmarks_run_on_a_tiny_shape(monkeypatch, capsys):
                                                  (1, 2, 2, 5, 7, 8, 0), (16, 4, 4, 5, 17, 8, 3)])
     decode_bench.main(["--quick", "--rounds", "1"])
     decode_bench.main(["--quick", "--rounds", "1", "--len-q", "3"])
+    decode_bench.threshold(1, len_qs=(1,), batches=(2,))
     generate_bench.main(["--quick", "--batch", "3", "--prefix", "6", "--prompt", "4", "--new", "2"])
     out = capsys.readouterr().out
+    assert "| 1 | B2 Hq32 Hkv8 T512 P1024 D128 |" in out
     assert "| B16 Hq4 Hkv2 T9 P33 D16 |" in out and "| B16 Hq4 Hkv4 T5 P17 D8 bank3 |" in out
     assert "| gpt2 |" in out and "| llama |" in out and "| no |" not in out  # PEFT's tokens, where it runs
 

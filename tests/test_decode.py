@@ -38,7 +38,8 @@ def _backend_ok(backend):
 @pytest.mark.parametrize("case", DECODE_GRID, ids=str)
 def test_decode_grid(case, dtype, backend, monkeypatch):
     _backend_ok(backend)
-    monkeypatch.setattr(decode, "DECODE_MIN_ROWS", 1)  # every case on the path (the threshold is a speed rule)
+    monkeypatch.setattr(decode, "DECODE_MIN_ROWS", 1)  # every case on the path (the thresholds are a speed rule)
+    monkeypatch.setattr(decode, "DECODE_MIN_READERS", 1)
     taken = []
     real = decode.forward
     monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
@@ -60,6 +61,7 @@ def test_decode_grid(case, dtype, backend, monkeypatch):
 
 
 def test_decode_path_only_without_gradients_and_dropout(monkeypatch):
+    monkeypatch.setattr(decode, "DECODE_MIN_READERS", 1)  # the speed rule aside
     case = DECODE_GRID[0]
     q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)
     taken = []
@@ -159,3 +161,33 @@ def test_decode_step_is_captured_by_a_cuda_graph(heads_q, heads_kv):
             torch.cuda.synchronize()
             eager = prefix_attention(q, k, v, pk, pv, attention_mask=mask)
             torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+def test_generate_takes_the_decode_path(monkeypatch):
+    """generate() on a batch sharing a prefix takes the decode path with no option, and its tokens equal the fused
+    kernel's."""
+    transformers = pytest.importorskip("transformers")
+    import prefix_attn
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=2, attn_pdrop=0.0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    model = prefix_attn.enable(transformers.GPT2LMHeadModel(cfg), prefix_attn.PrefixTuning(cfg, 6)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 1.0)
+    ids = torch.randint(3, 40, (16, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[3, :2] = 0
+    taken = []
+    real = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(ids, **kw)
+        assert taken, "generate() did not take the decode path"
+        monkeypatch.setattr(decode, "DECODE_MIN_ROWS", 10**9)
+        taken.clear()
+        want = model.generate(ids, **kw)
+    assert not taken and torch.equal(got, want)

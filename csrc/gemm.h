@@ -66,7 +66,8 @@ at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool tr
 
 // A few rows of A (a decode step's queries, a GQA group's heads): a BLAS call per tile costs more than the
 // arithmetic, so the product is computed here, in a fixed order (deterministic run to run), each row of B read
-// once for all the rows of A. Compiled for AVX-512, AVX2+FMA and baseline x86-64, picked once at load time.
+// once for all the rows of A. Compiled for AVX-512, AVX2+FMA and baseline x86-64 (PREFIX_ATTN_CLONES, as the row
+// passes in rowops.h), picked once at load time.
 constexpr int64_t kSmallM = 8;
 
 template <typename T>
@@ -108,10 +109,12 @@ __attribute__((always_inline)) inline void small_gemm_body(bool trans_b, int64_t
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define PREFIX_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#ifndef PREFIX_ATTN_CLONES
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
+#define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define PREFIX_ATTN_CLONES
+#endif
 #endif
 
 PREFIX_ATTN_CLONES static void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

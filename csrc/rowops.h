@@ -13,10 +13,12 @@
 
 #include "philox.h"
 
+#ifndef PREFIX_ATTN_CLONES
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
 #define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define PREFIX_ATTN_CLONES
+#endif
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)

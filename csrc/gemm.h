@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attrs.h"
+
 namespace prefix_attn {
 
 // ---- matrix products on tiles ----
@@ -66,14 +68,12 @@ at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool tr
 
 // A few rows of A (a decode step's queries, a GQA group's heads): a BLAS call per tile costs more than the
 // arithmetic, so the product is computed here, in a fixed order (deterministic run to run), each row of B read
-// once for all the rows of A. Compiled for AVX-512, AVX2+FMA and baseline x86-64 (PREFIX_ATTN_CLONES, as the row
-// passes in rowops.h), picked once at load time.
+// once for all the rows of A. The float entry point is multiversioned as the row passes (prefix_attn_cpu.cpp).
 constexpr int64_t kSmallM = 8;
 
 template <typename T>
-__attribute__((always_inline)) inline void small_gemm_body(bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-                                                           const T* A, int64_t lda, const T* B, int64_t ldb, T beta,
-                                                           T* C, int64_t ldc) {
+PREFIX_ATTN_INLINE void small_gemm_impl(bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                                        int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (trans_b) {  // C = alpha A B^T + beta C: one dot product per (row, column), B's rows contiguous
     for (int64_t j = 0; j < N; ++j) {
       const T* b = B + j * ldb;
@@ -109,25 +109,11 @@ __attribute__((always_inline)) inline void small_gemm_body(bool trans_b, int64_t
   }
 }
 
-#ifndef PREFIX_ATTN_CLONES
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
-#define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define PREFIX_ATTN_CLONES
-#endif
-#endif
-
-PREFIX_ATTN_CLONES static void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                                          const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                                          float* C, int64_t ldc) {
-  small_gemm_body<float>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-PREFIX_ATTN_CLONES static void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
-                                          const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
-                                          double* C, int64_t ldc) {
-  small_gemm_body<double>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
+// defined in prefix_attn_cpu.cpp
+void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,

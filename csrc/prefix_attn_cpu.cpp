@@ -78,6 +78,17 @@ void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t
   dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
 }
 
+// ---- multiversioned small tile products (declared in gemm.h) ----
+
+PREFIX_ATTN_CLONES void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  small_gemm_impl<float>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  small_gemm_impl<double>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 // ---- 16-bit <-> float rows (declared in stage.h) ----
 
 PREFIX_ATTN_CLONES void to_float(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst,

@@ -11,21 +11,8 @@
 #include <cstring>
 #include <limits>
 
+#include "attrs.h"
 #include "philox.h"
-
-#ifndef PREFIX_ATTN_CLONES
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIX_ATTN_NO_CLONES)
-#define PREFIX_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define PREFIX_ATTN_CLONES
-#endif
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define PREFIX_ATTN_INLINE inline __attribute__((always_inline))
-#else
-#define PREFIX_ATTN_INLINE inline
-#endif
 
 namespace prefix_attn {
 

@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cpu_model, git_commit, round_ratios, side_by_side  # noqa: E402
+from common import cpu_model, git_commit, round_ratios, side_by_side, write_cpu_markdown  # noqa: E402
 
 from prefix_attn import ops, prefix_attention, prefix_attention_reference  # noqa: E402
 
@@ -175,12 +175,8 @@ def main(argv=None):
                      f"{cache_mib(shape, 'sdpa expanded'):.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    name = "bench_decode_cpu_" + "_".join(cpu_model().lower().split()[:3]).replace("(r)", "") + ".md"
     if not args.quick:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, name), "w") as f:
-            f.write(text)
-        print(f"wrote {os.path.join(args.out, name)}")
+        print(f"wrote {write_cpu_markdown(args.out, 'bench_decode_cpu', text)}")
     print(text)
 
 

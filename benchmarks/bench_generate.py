@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cpu_model, git_commit, side_by_side  # noqa: E402
+from common import cpu_model, git_commit, side_by_side, write_cpu_markdown  # noqa: E402
 
 import prefix_attn  # noqa: E402
 
@@ -103,12 +103,7 @@ def main(argv=None):
         print(row, flush=True)
     text = "\n".join(lines) + "\n"
     if not args.quick:
-        name = ("bench_generate_cpu_" + "_".join(cpu_model().lower().split()[:3]) + f"_tf{transformers.__version__}"
-                + ".md")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, name), "w") as f:
-            f.write(text)
-        print(f"wrote {os.path.join(args.out, name)}")
+        print(f"wrote {write_cpu_markdown(args.out, 'bench_generate_cpu', text, f'_tf{transformers.__version__}')}")
     print(text)
 
 

@@ -307,6 +307,17 @@ def result_path(out: str, kind: str, device: str) -> str:
     return os.path.join(out, f"{kind}_{slug}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
 
 
+def write_cpu_markdown(out: str, kind: str, text: str, suffix: str = "") -> str:
+    """``<out>/<kind>_<the CPU's first three words, lower case, no "(r)">[suffix].md``, one file per CPU (a rerun
+    replaces it); creates out, returns the path."""
+    os.makedirs(out, exist_ok=True)
+    cpu = "_".join(cpu_model().lower().split()[:3]).replace("(r)", "")
+    path = os.path.join(out, f"{kind}_{cpu}{suffix}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def write_json(path: str, obj, indent: int = 1) -> None:
     """Written whole or not at all (a temporary file renamed); what JSON cannot hold is written as str()."""
     tmp = path + ".tmp"

@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -q
 HF_TESTS := tests/test_hf_families.py tests/test_transformers_integration.py tests/test_hf_training.py \
 	tests/test_hf_packed.py tests/test_hf_bank.py tests/test_hf_dropout.py tests/test_prefix_hidden.py \
 	tests/test_autocast.py tests/test_hf_checkpoints.py tests/test_hf_encoders.py \
-	tests/test_hf_seq2seq.py
+	tests/test_hf_seq2seq.py tests/test_grouped.py
 
 .PHONY: setup demo test test-hf-oldest bench lint clean
 

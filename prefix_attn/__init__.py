@@ -27,6 +27,9 @@ __all__ = [
     "enable",
     "disable",
     "load_pretrained",
+    "grouped_forward",
+    "enable_grouped",
+    "disable_grouped",
 ]
 
 _LAZY = {
@@ -37,6 +40,9 @@ _LAZY = {
     "enable": ("prefix_attn.integrations.transformers", "enable"),
     "disable": ("prefix_attn.integrations.transformers", "disable"),
     "load_pretrained": ("prefix_attn.integrations.transformers", "load_pretrained"),
+    "grouped_forward": ("prefix_attn.integrations.grouped", "grouped_forward"),
+    "enable_grouped": ("prefix_attn.integrations.grouped", "enable_grouped"),
+    "disable_grouped": ("prefix_attn.integrations.grouped", "disable_grouped"),
 }
 
 

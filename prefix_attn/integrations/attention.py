@@ -41,10 +41,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
     ) from exc
 
-__all__ = ["ATTN_IMPLEMENTATION", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx", "prefix_attention_forward",
+__all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx", "prefix_attention_forward",
            "prefix_attention_mask", "register"]
 
 ATTN_IMPLEMENTATION = "prefix_attn"
+# the kwarg a grouped_forward call passes through the model to every attention layer (grouped.Groups)
+GROUPS_KWARG = "prefix_attn_groups"
 # The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
 # (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
 TESTED_TRANSFORMERS = ("5.23", "5.25")
@@ -190,15 +192,19 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     """transformers attention function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` (text only,
     from the cache when decoding) -> ``([B, Tq, Hq, D], None)``. The prefix of ``module.layer_idx`` is added
     inside ``prefix_attention``; GQA K/V are passed with their own head count, never repeated."""
+    groups = kwargs.pop(GROUPS_KWARG, None)  # grouped.Groups of a grouped_forward call
     binding = getattr(module, "_prefix_attn_binding", None)
-    if binding is None:
+    if binding is None and not getattr(module, "_prefix_attn_plain", False):
         raise RuntimeError(f"{type(module).__name__} runs attn_implementation='{ATTN_IMPLEMENTATION}' but "
                            f"has no prefix; call prefix_attn.enable(model, prefix)")
     # the model's own attention dropout (GPT-2 attn_pdrop, Llama-family attention_dropout; 0 in eval mode),
     # applied in the kernels to the whole row, prefix columns included, as the stock attention does
-    dropout_p = 0.0 if binding.ignore_attention_dropout else float(dropout or 0.0)
+    dropout_p = 0.0 if binding is not None and binding.ignore_attention_dropout else float(dropout or 0.0)
     # an encoder's self-attention (BERT-style, module.is_causal False): bidirectional, every key of its row
     causal = bool(getattr(module, "is_causal", True))
+    if groups is not None or binding is None:
+        return _grouped_or_plain(module, groups, binding, query, key, value, attention_mask, causal, scaling,
+                                 dropout_p, kwargs), None
     packed = _flash_packing(kwargs, binding.packed)  # consumes cu_seq_lens_q/k, max_length_q/k
     seq_idx = kwargs.pop("seq_idx", None)
     if seq_idx is not None and seq_idx is not binding.seq_idx:  # checked once per forward by the decoder hook
@@ -236,6 +242,33 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                            softcap=float(softcap), dropout_p=dropout_p,
                            **binding.bank_args(query.shape[0], query.device))
     return out.transpose(1, 2), None
+
+
+def _grouped_or_plain(module, groups, binding, query, key, value, mask, causal, scaling, dropout_p, kwargs):
+    """A layer of a grouped_forward call (``groups.attention``: the prompts once, their completions reading them
+    in place), or a plain call of a stock model that ``enable_grouped`` switched (no prefix, as ``"sdpa"``)."""
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"packed sequences ({name}) in a grouped_forward call or in a model without a "
+                                      f"prefix: not supported")
+    _refuse_unhandled(module, kwargs)
+    softcap = float(kwargs.get("softcap") or 0.0)
+    pk = pv = None
+    if binding is not None:
+        pk, pv = binding.key_value(getattr(module, "_prefix_attn_slot", module.layer_idx))
+    # the longest row of keys a query sees: a completion's prefix + prompt + completion
+    span = key.shape[2] if groups is None else (0 if pk is None else pk.shape[1]) + groups.lp + groups.lc
+    window = kwargs.get("sliding_window")
+    if window is not None and span > window:
+        raise NotImplementedError(f"sliding_window={window} is shorter than the {span} keys a query sees; prefix_attn "
+                                  f"has no sliding window")
+    if groups is None:
+        if softcap:
+            raise NotImplementedError(f"{type(module).__name__} asks for softcap; the plain attention of a model "
+                                      f"without a prefix does not implement it")
+        return _plain_attention(query, key, value, mask, causal, scaling, dropout_p)
+    return groups.attention(query, key, value, pk, pv, causal=causal, scaling=scaling, softcap=softcap,
+                            dropout_p=dropout_p)
 
 
 def _plain_attention(query, key, value, mask, causal, scaling, dropout_p):

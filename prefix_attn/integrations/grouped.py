@@ -1,0 +1,269 @@
+"""Grouped-prompt forward (GRPO / RLOO / DAPO groups): ``N`` prompts with ``G`` completions each, every prompt
+computed once.
+
+    out = prefix_attn.grouped_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=G)
+    out.prompt_logits       # [N, Lp, V]
+    out.completion_logits   # [N * G, Lc, V]
+
+equals, in values and in the gradients of every trainable parameter, the stock call on the repeated batch::
+
+    ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask).logits       # split at Lp
+
+How: the model runs once on one row holding the ``N * Lp`` prompt tokens and then the ``N * G * Lc`` completion
+tokens, with the positions the stock call gives them (``0 .. Lp - 1`` for a prompt, ``Lp .. Lp + Lc - 1`` for a
+completion). Every attention layer (``attention.prefix_attention_forward``, which finds the :class:`Groups` of this
+call among its kwargs) splits its queries, keys and values back into the prompts ``[N, H, Lp, D]`` and the
+completions ``[N * G, H, Lc, D]`` (views), runs the prompts' causal attention, and then the completions' with their
+prompts' K/V as a bank read in place (``prefix_ids`` = the group of each completion, ``prefix_lengths`` = each
+prompt's unpadded length): the prompt's gradient comes back summed over its completions, inside the kernel. So the
+embeddings, MLPs and attention projections see each prompt once, not ``G`` times, and no ``[N * G, ...]`` copy of a
+prompt is made. Since :class:`Groups` travels with the call's kwargs, activation checkpointing recomputes a layer
+with the same split.
+
+With a prefix enabled (``prefix_attn.enable(model, PrefixTuning(...))``) each prompt's entry is the prefix followed
+by the prompt (an ``[N, Hkv, P + Lp, D]`` copy per layer, N not N * G), and positions are shifted by ``P`` as for
+any call of that model. Padded prompt keys (any padding side) are moved behind the unpadded ones in the entry (one
+gather of ``[N, Hkv, Lp, D]`` per layer, only when some prompt is padded): the kernel reads an entry's first
+``prefix_lengths`` slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import checks
+from ..ops import prefix_attention
+from .attention import ATTN_IMPLEMENTATION, GROUPS_KWARG, register
+from .model_parts import _own_config, attention_modules
+
+__all__ = ["GroupedOutput", "Groups", "grouped_forward", "enable_grouped", "disable_grouped", "SUPPORTED_MODEL_TYPES"]
+
+# absolute positions 0, 1, ... over the concatenated row whatever the padding, one self-attention per layer, no
+# attention bias: the families whose stock call grouped_forward reproduces (tests/test_grouped.py)
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+_GROUPED = "_prefix_attn_grouped"  # on a stock model: the attention implementation enable_grouped replaced
+
+
+@dataclass
+class GroupedOutput:
+    """``prompt_logits [N, Lp, V]`` (None with ``completion_only=True``) and ``completion_logits [N * G, Lc, V]``:
+    views of the one row the model computed."""
+
+    prompt_logits: Optional[torch.Tensor]
+    completion_logits: torch.Tensor
+
+
+class Groups:
+    """The split of one grouped call, resolved once (one host read of the prompt mask) and read by every layer.
+
+    ``prompt_keys [N, Lp]`` / ``completion_keys [N * G, Lc]``: bool key masks, None when nothing is padded;
+    ``ids [N * G]`` int32: each completion's prompt; ``valid [N]``: each prompt's unpadded length (host list);
+    ``order [N, Lp]`` int64: each prompt's unpadded slots first (None when no prompt is padded).
+    """
+
+    def __init__(self, num_prompts: int, group_size: int, prompt_len: int, completion_len: int,
+                 prompt_mask: torch.Tensor, completion_mask: torch.Tensor):
+        self.n, self.g, self.lp, self.lc = num_prompts, group_size, prompt_len, completion_len
+        device = prompt_mask.device
+        pmask, cmask = prompt_mask.to(torch.bool), completion_mask.to(torch.bool)
+        valid = pmask.sum(1)
+        self.valid = valid.tolist()  # the one host read of the call
+        padded = any(v != prompt_len for v in self.valid)
+        self.prompt_keys = pmask if padded else None
+        self.order = torch.argsort((~pmask).to(torch.int8), dim=1, stable=True) if padded else None
+        self.completion_keys = None if bool(cmask.all()) else cmask
+        values = [i for i in range(num_prompts) for _ in range(group_size)]
+        self.ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
+        if values:
+            checks.known(self.ids, "min_max", (0, num_prompts - 1))
+        checks.known(self.ids, "list", values)
+        if torch.is_grad_enabled():
+            checks.known(self.ids, "used_entries", checks.group_rows_host(values, device))
+        self._lengths = {}
+
+    def lengths(self, num_prefix: int, device) -> Optional[torch.Tensor]:
+        """int32 ``[N]``: the visible slots of each entry (prefix + unpadded prompt); None when all are."""
+        if num_prefix not in self._lengths:
+            values = [num_prefix + v for v in self.valid]
+            t = None
+            if any(v != num_prefix + self.lp for v in values):
+                t = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
+                checks.known(t, "min_max", (min(values), max(values)))
+            self._lengths[num_prefix] = t
+        return self._lengths[num_prefix]
+
+    def _entries(self, prompt: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
+        """``prompt [N, Hkv, Lp, D]`` (+ ``prefix [Hkv, P, D]``) -> the bank ``[N, Hkv, P + Lp, D]``."""
+        if self.order is not None:
+            prompt = prompt.gather(2, self.order[:, None, :, None].expand(prompt.shape))
+        if prefix is not None and prefix.shape[1]:
+            prefix = prefix.to(dtype=prompt.dtype, device=prompt.device)
+            prompt = torch.cat([prefix.unsqueeze(0).expand(prompt.shape[0], -1, -1, -1), prompt], 2)
+        return prompt
+
+    def attention(self, query, key, value, prefix_k, prefix_v, *, causal: bool, scaling, softcap: float,
+                  dropout_p: float) -> torch.Tensor:
+        """One layer: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]`` with ``T = N * Lp + N * G * Lc``,
+        ``prefix_k/v [Hkv, P, D]`` or None -> ``[1, T, Hq, D]``."""
+        n, g, lp, lc = self.n, self.g, self.lp, self.lc
+        total = n * lp + n * g * lc
+        if not causal or query.shape[0] != 1 or query.shape[2] != total or key.shape[2] != total:
+            raise ValueError(f"grouped_forward: an attention layer got query {tuple(query.shape)} and key "
+                             f"{tuple(key.shape)}; expected one causal row of {total} tokens and no cache")
+
+        def split(t, start, rows, length):  # [1, H, T, D] -> [rows, H, length, D], a view
+            return t[0, :, start:start + rows * length].unflatten(1, (rows, length)).transpose(0, 1)
+
+        qp, kp, vp = (split(t, 0, n, lp) for t in (query, key, value))
+        qc, kc, vc = (split(t, n * lp, n * g, lc) for t in (query, key, value))
+        if prefix_k is None:
+            prefix_k = prefix_v = key.new_zeros(key.shape[1], 0, key.shape[3])
+        elif prefix_k.dtype != query.dtype or prefix_k.device != query.device:
+            prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
+            prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
+        common = dict(softmax_scale=scaling, softcap=softcap, dropout_p=dropout_p)
+        out_p = prefix_attention(qp, kp, vp, prefix_k, prefix_v, attention_mask=self.prompt_keys, **common)
+        bank_k, bank_v = self._entries(kp, prefix_k), self._entries(vp, prefix_v)
+        out_c = prefix_attention(qc, kc, vc, bank_k, bank_v, attention_mask=self.completion_keys,
+                                 prefix_ids=self.ids, prefix_lengths=self.lengths(prefix_k.shape[1], query.device),
+                                 **common)
+        out = torch.cat([out_p.transpose(1, 2).flatten(0, 1), out_c.transpose(1, 2).flatten(0, 1)], 0)
+        return out.unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"grouped_forward supports the decoder families {SUPPORTED_MODEL_TYPES} (positions "
+                                  f"0, 1, ... over the concatenated row, one causal self-attention per layer); "
+                                  f"{type(model).__name__} (model_type={model_type!r}) is not one of them")
+    binding = getattr(model, "_prefix_attn_binding", None)
+    if binding is not None and binding.is_bank:
+        raise NotImplementedError("grouped_forward on a model enabled with a PrefixBank: not supported (enable it "
+                                  "with one PrefixTuning, or with none)")
+
+
+def enable_grouped(model):
+    """Run a stock model's attention through prefix_attn's op (the attention implementation ``"prefix_attn"`` with
+    no prefix: values as the stock attention's) until :func:`disable_grouped`, so that :func:`grouped_forward` can
+    be called under activation checkpointing, whose recompute runs in the backward, after the call returned.
+    Other calls (``generate()``, a plain forward) run as before. A no-op on a model enabled with a prefix (it runs
+    ``"prefix_attn"`` already) or already switched. Returns the model."""
+    _check_model(model)
+    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        return model
+    register()
+    previous = _own_config(model)._attn_implementation
+    for m in attention_modules(model):
+        m._prefix_attn_plain = True
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    setattr(model, _GROUPED, previous)
+    return model
+
+
+def disable_grouped(model):
+    """Undo :func:`enable_grouped` (the previous attention implementation); a no-op otherwise."""
+    previous = model.__dict__.pop(_GROUPED, None)
+    if previous is None:
+        return model
+    for m in attention_modules(model):
+        m.__dict__.pop("_prefix_attn_plain", None)
+    model.set_attn_implementation(previous)
+    return model
+
+
+def _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size):
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    for name, t in (("prompt_ids", prompt_ids), ("prompt_mask", prompt_mask), ("completion_ids", completion_ids),
+                    ("completion_mask", completion_mask)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    n, lp = prompt_ids.shape
+    rows, lc = completion_ids.shape
+    if tuple(prompt_mask.shape) != (n, lp):
+        raise ValueError(f"prompt_mask must be [num_prompts={n}, prompt_len={lp}] as prompt_ids, got "
+                         f"{tuple(prompt_mask.shape)}")
+    if rows != n * group_size:
+        raise ValueError(f"completion_ids must be [num_prompts * group_size={n * group_size}, completion_len], got "
+                         f"{tuple(completion_ids.shape)} (num_prompts={n}, group_size={group_size})")
+    if tuple(completion_mask.shape) != (rows, lc):
+        raise ValueError(f"completion_mask must be [{rows}, completion_len={lc}] as completion_ids, got "
+                         f"{tuple(completion_mask.shape)}")
+    if n == 0 or lp == 0 or lc == 0:
+        raise ValueError(f"grouped_forward needs at least one prompt token and one completion token per row; got "
+                         f"prompt_ids {tuple(prompt_ids.shape)}, completion_ids {tuple(completion_ids.shape)}")
+    if prompt_ids.device != completion_ids.device:
+        raise ValueError(f"prompt_ids is on {prompt_ids.device} but completion_ids on {completion_ids.device}")
+
+
+def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, group_size: int, *, completion_only: bool = False,
+                    **model_kwargs) -> GroupedOutput:
+    """The logits of ``N`` prompts and their ``G`` completions each, every prompt computed once.
+
+    Args:
+        model:           a transformers causal LM of a family in ``SUPPORTED_MODEL_TYPES`` (GPT-2, Llama,
+                         Mistral, Qwen2, Qwen3), stock or enabled with one ``PrefixTuning``
+        prompt_ids:      ``[N, Lp]`` token ids (TRL's GRPO pads them on the left; any padding side works)
+        prompt_mask:     ``[N, Lp]``, 1 = token, 0 = padding
+        completion_ids:  ``[N * G, Lc]``, rows ``n * G .. n * G + G - 1`` the completions of prompt ``n``
+        completion_mask: ``[N * G, Lc]``, 1 = token, 0 = padding (right padding, as TRL builds it)
+        group_size:      ``G``
+        completion_only: compute the completions' logits only (``prompt_logits`` None), as ``logits_to_keep``
+        model_kwargs:    passed to the model's forward (``use_cache`` is always False)
+
+    Returns:
+        :class:`GroupedOutput` with ``prompt_logits [N, Lp, V]`` and ``completion_logits [N * G, Lc, V]``, equal to
+        the stock call on the concatenated batch (module docstring); padded positions included.
+
+    A stock model's attention is switched to prefix_attn's for the call and back; under activation checkpointing
+    in training the switch must outlive the call (the layers are recomputed in the backward): call
+    :func:`enable_grouped` once first.
+    """
+    _check_model(model)
+    _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    if "cache" in model_kwargs or "past_key_values" in model_kwargs:
+        raise ValueError("grouped_forward runs without a KV cache (it is a training forward)")
+    for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits_to_keep", "labels"):
+        if name in model_kwargs:
+            raise ValueError(f"grouped_forward builds {name} itself; do not pass it")
+    n, lp = prompt_ids.shape
+    rows, lc = completion_ids.shape
+    device = prompt_ids.device
+    switched = model.config._attn_implementation != ATTN_IMPLEMENTATION
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.25
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if switched and checkpointing and model.training and torch.is_grad_enabled():
+        raise ValueError("grouped_forward under activation checkpointing: the layers are recomputed in the backward, "
+                         "after this call returns, so the model's attention must stay switched; call "
+                         "prefix_attn.enable_grouped(model) once before training (prefix_attn.disable_grouped "
+                         "undoes it)")
+    groups = Groups(n, group_size, lp, lc, prompt_mask, completion_mask)
+    ids = torch.cat([prompt_ids.reshape(-1), completion_ids.reshape(-1)]).unsqueeze(0)
+    positions = torch.cat([torch.arange(lp, device=device).repeat(n),
+                           torch.arange(lp, lp + lc, device=device).repeat(rows)]).unsqueeze(0)
+    # all ones: the row is one sequence to transformers and to the prefix hooks (the split is the Groups')
+    mask = torch.ones_like(ids)
+    kwargs = dict(model_kwargs, use_cache=False, **{GROUPS_KWARG: groups})
+    if completion_only:
+        kwargs["logits_to_keep"] = rows * lc
+    if switched:
+        enable_grouped(model)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+    finally:
+        if switched:
+            disable_grouped(model)
+    if completion_only:
+        return GroupedOutput(None, logits[0].unflatten(0, (rows, lc)))
+    return GroupedOutput(logits[0, :n * lp].unflatten(0, (n, lp)), logits[0, n * lp:].unflatten(0, (rows, lc)))

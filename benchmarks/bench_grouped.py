@@ -7,8 +7,8 @@ concatenated batch (every prompt repeated G times), forward + backward of a GRPO
 The base weights are trained (full fine-tuning), dropouts 0. Loss: the completions' per-token log-probs times
 group-normalised advantages (random rewards), averaged over the completion tokens, as GRPO's. Two logits
 settings: ``all`` (the stock call's full logits; grouped_forward also computes the prompts' once) and
-``completions`` (TRL's ``logits_to_keep``: the stock call keeps the last Lc positions, grouped_forward runs with
-``completion_only=True``). Both variants' losses and gradients are compared first (they must agree). Times are
+``completions`` (TRL's GRPO: the stock call keeps the last Lc + 1 positions with ``logits_to_keep``,
+grouped_forward runs with ``completion_only=True``). Both variants' losses and gradients are compared first (they must agree). Times are
 medians over interleaved rounds; peak memory is the resident-set growth of one step, each variant in a fresh
 process.
 """
@@ -63,30 +63,30 @@ def make_batch(args):
     return prompt, pmask, completion, cmask, advantages
 
 
-def grpo_loss(logits, completion, cmask, advantages):
-    """logits ``[N * G, Lc, V]`` at the completion positions -> -mean(advantage * log p(token))."""
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
+def grpo_loss(logp, cmask, advantages):
+    """logp ``[N * G, Lc]``: the completion tokens' log-probs -> -mean(advantage * log p(token))."""
     m = cmask.to(logp.dtype)
     return -(logp * advantages[:, None] * m).sum() / m.sum()
 
 
 def step_fn(model, batch, name, logits_mode, group):
     prompt, pmask, completion, cmask, advantages = batch
-    lp, lc = prompt.shape[1], completion.shape[1]
+    lc = completion.shape[1]
 
-    def stock():
+    def stock():  # TRL's GRPO: logits_to_keep = Lc + 1, the last one dropped
         ids = torch.cat([prompt.repeat_interleave(group, 0), completion], 1)
         mask = torch.cat([pmask.repeat_interleave(group, 0), cmask], 1)
-        keep = dict(logits_to_keep=lc) if logits_mode == "completions" else {}
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
-        loss = grpo_loss(logits[:, -lc:], completion, cmask, advantages)
+        keep = dict(logits_to_keep=lc + 1) if logits_mode == "completions" else {}
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits[:, -lc - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
+        loss = grpo_loss(logp, cmask, advantages)
         loss.backward()
         return loss
 
     def grouped():
         out = prefix_attn.grouped_forward(model, prompt, pmask, completion, cmask, group,
                                           completion_only=logits_mode == "completions")
-        loss = grpo_loss(out.completion_logits, completion, cmask, advantages)
+        loss = grpo_loss(out.completion_log_probs(completion), cmask, advantages)
         loss.backward()
         return loss
 

@@ -44,9 +44,7 @@ def weights(seed, n=N, g=G, lp=LP, lc=LC, dtype=torch.float64):
 def grouped_loss(model, inputs, w, g=G, **kw):
     out = prefix_attn.grouped_forward(model, *inputs, g, **kw)
     pmask, cmask = inputs[1], inputs[3]
-    loss = (out.completion_logits * w[1] * cmask[..., None]).sum()
-    if out.prompt_logits is not None:
-        loss = loss + (out.prompt_logits * w[0] * pmask[..., None]).sum()
+    loss = (out.completion_logits * w[1] * cmask[..., None]).sum() + (out.prompt_logits * w[0] * pmask[..., None]).sum()
     return out, loss
 
 
@@ -141,7 +139,7 @@ def test_with_a_prefix_enabled(kind):
     assert max_rel(got, want) <= TOL, {k: max_rel(got[k], want[k]) for k in got}
 
 
-def test_completion_only_and_the_prompt_computed_once():
+def test_completion_only_log_probs_and_the_prompt_computed_once():
     model = float64_model("gpt2").eval()
     inputs = batch(seed=9)
     seen = []
@@ -150,8 +148,20 @@ def test_completion_only_and_the_prompt_computed_once():
     only = prefix_attn.grouped_forward(model, *inputs, G, completion_only=True)
     handle.remove()
     assert seen == [N * LP + N * G * LC] * 2  # each prompt token embedded once, not G times
-    assert only.prompt_logits is None and only.completion_logits.shape == (N * G, LC, VOCAB)
+    assert only.prompt_logits.shape == (N, 1, VOCAB) and only.completion_logits.shape == (N * G, LC, VOCAB)
     assert max_rel(only.completion_logits, full.completion_logits) <= TOL  # lm_head over fewer rows
+    assert max_rel(only.prompt_logits, full.prompt_logits[:, -1:]) <= TOL
+    # GRPO's per-token log-probs (TRL: log_softmax(logits[:, Lp - 1:-1] / T) at the completion tokens)
+    prompt, pmask, completion, cmask = inputs
+    logits = model(input_ids=torch.cat([prompt.repeat_interleave(G, 0), completion], 1),
+                   attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1)).logits
+    want = torch.log_softmax(logits[:, LP - 1:-1].float() / 0.7, -1).gather(-1, completion[..., None])[..., 0]
+    for out in (full, only):
+        got = out.completion_log_probs(completion, temperature=0.7)
+        assert got.shape == (N * G, LC)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="completion_ids must be"):
+        only.completion_log_probs(completion[:, 1:])
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

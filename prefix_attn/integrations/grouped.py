@@ -4,6 +4,7 @@ computed once.
     out = prefix_attn.grouped_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=G)
     out.prompt_logits       # [N, Lp, V]
     out.completion_logits   # [N * G, Lc, V]
+    out.completion_log_probs(completion_ids)   # [N * G, Lc], GRPO's per-token log-probs
 
 equals, in values and in the gradients of every trainable parameter, the stock call on the repeated batch::
 
@@ -51,11 +52,25 @@ _GROUPED = "_prefix_attn_grouped"  # on a stock model: the attention implementat
 
 @dataclass
 class GroupedOutput:
-    """``prompt_logits [N, Lp, V]`` (None with ``completion_only=True``) and ``completion_logits [N * G, Lc, V]``:
-    views of the one row the model computed."""
+    """``prompt_logits [N, Lp, V]`` (``[N, 1, V]``, the last prompt position only, with ``completion_only=True``)
+    and ``completion_logits [N * G, Lc, V]``: views of the one row the model computed."""
 
-    prompt_logits: Optional[torch.Tensor]
+    prompt_logits: torch.Tensor
     completion_logits: torch.Tensor
+    group_size: int
+
+    def completion_log_probs(self, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """float32 ``[N * G, Lc]``: log p(completion token j | prompt, tokens < j), as GRPO takes them (TRL's
+        per-token log-probs of ``logits[:, Lp - 1:-1] / temperature``): token 0 from the prompt's last position
+        (shared by its group, computed once), token j > 0 from completion position j - 1."""
+        if tuple(completion_ids.shape) != tuple(self.completion_logits.shape[:2]):
+            raise ValueError(f"completion_ids must be {list(self.completion_logits.shape[:2])}, got "
+                             f"{list(completion_ids.shape)}")
+        first = torch.log_softmax(self.prompt_logits[:, -1].float() / temperature, -1)  # [N, V]
+        first = first.repeat_interleave(self.group_size, 0).gather(-1, completion_ids[:, :1])
+        rest = torch.log_softmax(self.completion_logits[:, :-1].float() / temperature, -1)
+        rest = rest.gather(-1, completion_ids[:, 1:, None])[..., 0]
+        return torch.cat([first, rest], 1)
 
 
 class Groups:
@@ -218,7 +233,8 @@ def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
         completion_ids:  ``[N * G, Lc]``, rows ``n * G .. n * G + G - 1`` the completions of prompt ``n``
         completion_mask: ``[N * G, Lc]``, 1 = token, 0 = padding (right padding, as TRL builds it)
         group_size:      ``G``
-        completion_only: compute the completions' logits only (``prompt_logits`` None), as ``logits_to_keep``
+        completion_only: compute the logits of each prompt's last position (``prompt_logits [N, 1, V]``) and of the
+                         completions only (TRL's ``logits_to_keep``); ``completion_log_probs`` needs no more
         model_kwargs:    passed to the model's forward (``use_cache`` is always False)
 
     Returns:
@@ -255,8 +271,10 @@ def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     # all ones: the row is one sequence to transformers and to the prefix hooks (the split is the Groups')
     mask = torch.ones_like(ids)
     kwargs = dict(model_kwargs, use_cache=False, **{GROUPS_KWARG: groups})
-    if completion_only:
-        kwargs["logits_to_keep"] = rows * lc
+    if completion_only:  # each prompt's last position (it predicts the completions' first token), the completions
+        keep = torch.cat([torch.arange(lp - 1, n * lp, lp, device=device),
+                          torch.arange(n * lp, n * lp + rows * lc, device=device)])
+        kwargs["logits_to_keep"] = keep
     if switched:
         enable_grouped(model)
     try:
@@ -264,6 +282,6 @@ def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     finally:
         if switched:
             disable_grouped(model)
-    if completion_only:
-        return GroupedOutput(None, logits[0].unflatten(0, (rows, lc)))
-    return GroupedOutput(logits[0, :n * lp].unflatten(0, (n, lp)), logits[0, n * lp:].unflatten(0, (rows, lc)))
+    prompt_len = 1 if completion_only else lp
+    return GroupedOutput(logits[0, :n * prompt_len].unflatten(0, (n, prompt_len)),
+                         logits[0, n * prompt_len:].unflatten(0, (rows, lc)), group_size)

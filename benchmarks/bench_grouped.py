@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,20 +92,26 @@ def step_fn(model, batch, name, logits_mode, group):
     return stock if name == "stock" else grouped
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(args):
-    """One step of one variant in this (fresh) process: peak resident growth in MiB, printed as JSON."""
+    """One step of one variant in this (fresh) process: the growth of the resident set's peak over the step, in
+    MiB, printed as JSON (Linux: the peak, VmHWM, is reset through /proc/self/clear_refs first; getrusage's peak
+    is inherited from the parent process)."""
     model = build(args)
     batch = make_batch(args)
     fn = step_fn(model, batch, args.memory_of, args.logits, args.group)
-    before = rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_growth_mib": peak - before}))
+    print(json.dumps({"peak_growth_mib": _status_mib("VmHWM") - before}))
 
 
 def peak_memory(args, name, logits_mode) -> float:

@@ -81,7 +81,14 @@ def _rms_norm_in_dtype(self, x):
 def float64_model(kind, **overrides):
     """A tiny model in float64 throughout: Llama-family RMSNorm casts to float32 by design, whatever the model's
     dtype (stock eager and sdpa differ by ~1e-7 there); here it computes in the model's dtype, on both sides."""
-    model = tiny_model(kind, **overrides).double()
+    if kind == "qwen3":  # q/k RMSNorm, GQA 6:2
+        torch.manual_seed(0)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=96, **overrides))
+    else:
+        model = tiny_model(kind, **overrides)
+    model = model.double()
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):
             m.forward = types.MethodType(_rms_norm_in_dtype, m)
@@ -104,7 +111,7 @@ def assert_matches_stock(model, inputs, w, g=G):
     return out
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
 def test_matches_the_stock_concatenated_call(kind):
     model = float64_model(kind).eval()
     assert_matches_stock(model, batch(), weights(1))

@@ -5,7 +5,8 @@ concatenated batch (every prompt repeated G times), forward + backward of a GRPO
     python benchmarks/bench_grouped.py --quick
 
 The base weights are trained (full fine-tuning), dropouts 0. Loss: the completions' per-token log-probs times
-group-normalised advantages (random rewards), averaged over the completion tokens, as GRPO's. Two logits
+group-normalised advantages (random rewards), averaged over the completion tokens, as GRPO's (the log-probs as
+TRL's ``selective_log_softmax``: chosen logit minus log-sum-exp; ``GroupedOutput.completion_log_probs``). Two logits
 settings: ``all`` (the stock call's full logits; grouped_forward also computes the prompts' once) and
 ``completions`` (TRL's GRPO: the stock call keeps the last Lc + 1 positions with ``logits_to_keep``,
 grouped_forward runs with ``completion_only=True``). Both variants' losses and gradients are compared first (they must agree). Times are
@@ -76,8 +77,9 @@ def step_fn(model, batch, name, logits_mode, group):
         ids = torch.cat([prompt.repeat_interleave(group, 0), completion], 1)
         mask = torch.cat([pmask.repeat_interleave(group, 0), cmask], 1)
         keep = dict(logits_to_keep=lc + 1) if logits_mode == "completions" else {}
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits[:, -lc - 1:-1]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits[:, -lc - 1:-1].float()
+        # TRL's selective_log_softmax (float32): the chosen logit minus the row's log-sum-exp
+        logp = logits.gather(-1, completion[..., None])[..., 0] - torch.logsumexp(logits, -1)
         loss = grpo_loss(logp, cmask, advantages)
         loss.backward()
         return loss

@@ -171,15 +171,15 @@ def test_completion_only_log_probs_and_the_prompt_computed_once():
         only.completion_log_probs(completion[:, 1:])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_activation_checkpointing(kind):
+@pytest.mark.parametrize("kind,reentrant", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_activation_checkpointing(kind, reentrant):
     model = float64_model(kind)
     inputs, w = batch(seed=11), weights(12)
     reference = copy.deepcopy(model).eval()
     _, _, want_loss = stock_loss(reference, inputs, w)
     want_loss.backward()
     want = grads(reference)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()  # dropouts are 0 in tiny_model: train mode only turns checkpointing on
     with pytest.raises(ValueError, match="enable_grouped"):
         prefix_attn.grouped_forward(model, *inputs, G)
@@ -196,6 +196,20 @@ def test_activation_checkpointing(kind):
                                reference.generate(ids, max_new_tokens=3, do_sample=False))
     prefix_attn.disable_grouped(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_enable_grouped_then_a_prefix():
+    """enable_grouped, then enable with a prefix, then disable_grouped and disable: the stock model again."""
+    model = float64_model("gpt2").eval()
+    ids = batch()[0]
+    want = model(ids).logits
+    prefix_attn.enable_grouped(model)
+    prefix_attn.enable(model, PrefixTuning(model.config, num_virtual_tokens=3, dtype=torch.float64))
+    prefix_attn.disable_grouped(model)
+    assert model.config._attn_implementation == "prefix_attn"
+    prefix_attn.disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
 
 
 def test_bf16_autocast_within_stock_error():

@@ -53,24 +53,32 @@ _GROUPED = "_prefix_attn_grouped"  # on a stock model: the attention implementat
 @dataclass
 class GroupedOutput:
     """``prompt_logits [N, Lp, V]`` (``[N, 1, V]``, the last prompt position only, with ``completion_only=True``)
-    and ``completion_logits [N * G, Lc, V]``: views of the one row the model computed."""
+    and ``completion_logits [N * G, Lc, V]``: views of ``logits [R, V]``, the one row the model computed."""
 
     prompt_logits: torch.Tensor
     completion_logits: torch.Tensor
     group_size: int
+    logits: torch.Tensor
 
     def completion_log_probs(self, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """float32 ``[N * G, Lc]``: log p(completion token j | prompt, tokens < j), as GRPO takes them (TRL's
         per-token log-probs of ``logits[:, Lp - 1:-1] / temperature``): token 0 from the prompt's last position
-        (shared by its group, computed once), token j > 0 from completion position j - 1."""
-        if tuple(completion_ids.shape) != tuple(self.completion_logits.shape[:2]):
-            raise ValueError(f"completion_ids must be {list(self.completion_logits.shape[:2])}, got "
-                             f"{list(completion_ids.shape)}")
-        first = torch.log_softmax(self.prompt_logits[:, -1].float() / temperature, -1)  # [N, V]
-        first = first.repeat_interleave(self.group_size, 0).gather(-1, completion_ids[:, :1])
-        rest = torch.log_softmax(self.completion_logits[:, :-1].float() / temperature, -1)
-        rest = rest.gather(-1, completion_ids[:, 1:, None])[..., 0]
-        return torch.cat([first, rest], 1)
+        (shared by its group, computed once), token j > 0 from completion position j - 1. Computed on ``logits``
+        as a whole (one log-sum-exp per position, the chosen logits picked by index): no zero-filled gradient of a
+        slice of the logits in the backward."""
+        rows, length = self.completion_logits.shape[:2]
+        if tuple(completion_ids.shape) != (rows, length):
+            raise ValueError(f"completion_ids must be [{rows}, {length}], got {list(completion_ids.shape)}")
+        n, prompt_len = self.prompt_logits.shape[:2]
+        device = completion_ids.device
+        first = torch.arange(prompt_len - 1, n * prompt_len, prompt_len, device=device)  # each prompt's last
+        start = n * prompt_len + torch.arange(rows, device=device)[:, None] * length  # each completion's first
+        where = torch.cat([first.repeat_interleave(self.group_size)[:, None],
+                           start + torch.arange(length - 1, device=device)[None, :]], 1)  # [N * G, Lc]
+        logits = self.logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logits[where, completion_ids] - torch.logsumexp(logits, -1)[where]
 
 
 class Groups:
@@ -190,6 +198,10 @@ def disable_grouped(model):
         return model
     for m in attention_modules(model):
         m.__dict__.pop("_prefix_attn_plain", None)
+    binding = getattr(model, "_prefix_attn_binding", None)
+    if binding is not None:  # a prefix enabled since: it keeps "prefix_attn"; its disable() restores the stock one
+        binding.previous_attn = previous
+        return model
     model.set_attn_implementation(previous)
     return model
 
@@ -283,5 +295,6 @@ def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
         if switched:
             disable_grouped(model)
     prompt_len = 1 if completion_only else lp
-    return GroupedOutput(logits[0, :n * prompt_len].unflatten(0, (n, prompt_len)),
-                         logits[0, n * prompt_len:].unflatten(0, (rows, lc)), group_size)
+    logits = logits[0]
+    return GroupedOutput(logits[:n * prompt_len].unflatten(0, (n, prompt_len)),
+                         logits[n * prompt_len:].unflatten(0, (rows, lc)), group_size, logits)

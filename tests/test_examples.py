@@ -64,3 +64,14 @@ def test_bart_summariser_example_runs(tmp_path):
     assert after >= 0.6 and after > before + 0.3, run.stdout[-3000:]
     assert "(identical)" in run.stdout
     assert (tmp_path / "summariser" / "prefix.safetensors").is_file()
+
+
+def test_grpo_grouped_example_runs():
+    """GRPO with grouped_forward: its log-probs equal the stock concatenated batch's, and the reward climbs."""
+    script = os.path.join(EXAMPLES, "grpo_grouped.py")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    diff = float(re.search(r"max \|diff\| ([\d.e+-]+)", run.stdout).group(1))
+    assert diff < 1e-4, run.stdout
+    rewards = [float(r) for r in re.findall(r"mean reward ([\d.]+)", run.stdout)]
+    assert len(rewards) == 5 and rewards[-1] >= 0.75 and rewards[-1] > rewards[0] + 0.15, run.stdout

@@ -9,9 +9,9 @@ group-normalised advantages (random rewards), averaged over the completion token
 TRL's ``selective_log_softmax``: chosen logit minus log-sum-exp; ``GroupedOutput.completion_log_probs``). Two logits
 settings: ``all`` (the stock call's full logits; grouped_forward also computes the prompts' once) and
 ``completions`` (TRL's GRPO: the stock call keeps the last Lc + 1 positions with ``logits_to_keep``,
-grouped_forward runs with ``completion_only=True``). Both variants' losses and gradients are compared first (they must agree). Times are
-medians over interleaved rounds; peak memory is the resident-set growth of one step, each variant in a fresh
-process.
+grouped_forward runs with ``completion_only=True``). Both variants' losses and gradients are compared first (they
+must agree). Times are medians over interleaved rounds; peak memory is the resident-set growth of one step, each
+variant in a fresh process.
 """
 
 from __future__ import annotations

@@ -287,5 +287,18 @@ def test_decode_benchmarks_run_on_a_tiny_shape(monkeypatch, capsys):
     assert "| gpt2 |" in out and "| llama |" in out and "| no |" not in out  # PEFT's tokens, where it runs
 
 
+def test_grouped_benchmark_runs_on_a_tiny_shape(capsys):
+    """bench_grouped.py end to end (its agreement check first), and its peak-memory child process."""
+    import argparse
+
+    pytest.importorskip("transformers")
+    bench = _load("bench_grouped")
+    bench.main(["--quick", "--prompts", "2", "--group", "3", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| all |" in out and "| completions |" in out and "| NO " not in out
+    args = argparse.Namespace(prompts=2, group=3, prompt_len=16, completion_len=4, layers=1, width=64, vocab=64)
+    assert bench.peak_memory(args, "grouped", "all") > 0
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -41,8 +41,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
     ) from exc
 
-__all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx", "prefix_attention_forward",
-           "prefix_attention_mask", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx",
+           "prefix_attention_forward", "prefix_attention_mask", "register"]
 
 ATTN_IMPLEMENTATION = "prefix_attn"
 # the kwarg a grouped_forward call passes through the model to every attention layer (grouped.Groups)

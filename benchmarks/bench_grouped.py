@@ -107,6 +107,8 @@ def memory_child(args):
     MiB, printed as JSON (Linux: the peak, VmHWM, is reset through /proc/self/clear_refs first; getrusage's peak
     is inherited from the parent process)."""
     model = build(args)
+    if args.memory_of == "grouped":
+        prefix_attn.enable_grouped(model)
     batch = make_batch(args)
     fn = step_fn(model, batch, args.memory_of, args.logits, args.group)
     with open("/proc/self/clear_refs", "w") as f:
@@ -158,16 +160,16 @@ def main(argv=None):
              f"{git_commit()}, {datetime.date.today()}, {rounds} interleaved rounds (median).", "",
              "| logits | stock ms | grouped ms | speed-up | peak MiB stock | peak MiB grouped | loss/grad agree |",
              "|---|---|---|---|---|---|---|"]
-    model = build(args)
+    models = {"stock": build(args), "grouped": prefix_attn.enable_grouped(build(args))}  # the same weights
     batch = make_batch(args)
     for mode in modes:
-        calls = {name: step_fn(model, batch, name, mode, k) for name in ("stock", "grouped")}
+        calls = {name: step_fn(models[name], batch, name, mode, k) for name in ("stock", "grouped")}
         got = {}
         for name, fn in calls.items():  # agreement first
-            model.zero_grad(set_to_none=True)
+            models[name].zero_grad(set_to_none=True)
             loss = fn()
-            got[name] = (loss.item(), {p: w.grad.clone() for p, w in model.named_parameters()})
-            model.zero_grad(set_to_none=True)
+            got[name] = (loss.item(), {p: w.grad.clone() for p, w in models[name].named_parameters()})
+            models[name].zero_grad(set_to_none=True)
         loss_err = abs(got["stock"][0] - got["grouped"][0]) / max(abs(got["stock"][0]), 1e-30)
         grad_err = max(((got["stock"][1][p] - got["grouped"][1][p]).abs().max()
                         / got["stock"][1][p].abs().max().clamp_min(1e-30)).item() for p in got["stock"][1])
@@ -175,7 +177,7 @@ def main(argv=None):
         del got
 
         def prepare(name, calls=calls):
-            model.zero_grad(set_to_none=True)
+            models[name].zero_grad(set_to_none=True)
             return calls[name]
 
         times = side_by_side(prepare, list(calls), rounds)

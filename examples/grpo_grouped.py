@@ -81,8 +81,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = pretrain(args.pretrain_steps, g)
     print(f"pretrained in {time.perf_counter() - t0:.0f} s")
-    if args.prefix:
+    if args.prefix:  # the prefix's attention runs through prefix_attn's op, as grouped_forward needs
         prefix_attn.enable(model, prefix_attn.PrefixTuning(model.config, num_virtual_tokens=args.prefix))
+    else:  # a stock model: its attention through prefix_attn's op (no prefix), for grouped_forward
+        prefix_attn.enable_grouped(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr or (3e-2 if args.prefix else 1e-3))
     for step in range(args.steps):

@@ -42,7 +42,16 @@ def weights(seed, n=N, g=G, lp=LP, lc=LC, dtype=torch.float64):
 
 
 def grouped_loss(model, inputs, w, g=G, **kw):
-    out = prefix_attn.grouped_forward(model, *inputs, g, **kw)
+    """grouped_forward and the weighted sum of its logits; a stock model is switched with enable_grouped for the
+    call (and back: the backward needs no switch without activation checkpointing)."""
+    switch = model.config._attn_implementation != "prefix_attn"
+    if switch:
+        prefix_attn.enable_grouped(model)
+    try:
+        out = prefix_attn.grouped_forward(model, *inputs, g, **kw)
+    finally:
+        if switch:
+            prefix_attn.disable_grouped(model)
     pmask, cmask = inputs[1], inputs[3]
     loss = (out.completion_logits * w[1] * cmask[..., None]).sum() + (out.prompt_logits * w[0] * pmask[..., None]).sum()
     return out, loss
@@ -114,8 +123,9 @@ def assert_matches_stock(model, inputs, w, g=G):
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
 def test_matches_the_stock_concatenated_call(kind):
     model = float64_model(kind).eval()
+    with pytest.raises(ValueError, match="enable_grouped"):
+        prefix_attn.grouped_forward(model, *batch(), G)
     assert_matches_stock(model, batch(), weights(1))
-    assert model.config._attn_implementation == "sdpa"  # switched for the call only
     assert_matches_stock(model, batch(seed=3, prompt_pad=False, completion_pad=False), weights(2))
 
 
@@ -126,7 +136,7 @@ def test_odd_shapes(shape):
     assert_matches_stock(model, batch(seed=5, n=n, g=g, lp=lp, lc=lc), weights(6, n, g, lp, lc), g=g)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
 def test_with_a_prefix_enabled(kind):
     """Base weights and prefix trainable: every completion sees the prefix, its prompt and itself."""
     model = float64_model(kind).eval()
@@ -135,13 +145,14 @@ def test_with_a_prefix_enabled(kind):
         prefix.prefix_kv.normal_(0.0, 0.5)
     prefix_attn.enable(model, prefix, freeze_model=False)
     inputs, w = batch(seed=7), weights(8)
-    _, want_c, want_loss = stock_loss(model, inputs, w)
+    want_p, want_c, want_loss = stock_loss(model, inputs, w)
     want_loss.backward()
     want = grads(model)
     out, loss = grouped_loss(model, inputs, w)
     loss.backward()
     got = grads(model)
     assert "prefix_attn.prefix_kv" in got and len(got) == len(list(model.parameters()))
+    assert max_rel(out.prompt_logits.detach(), want_p.detach()) <= TOL
     assert max_rel(out.completion_logits.detach(), want_c.detach()) <= TOL
     assert max_rel(got, want) <= TOL, {k: max_rel(got[k], want[k]) for k in got}
 
@@ -151,8 +162,10 @@ def test_completion_only_log_probs_and_the_prompt_computed_once():
     inputs = batch(seed=9)
     seen = []
     handle = model.transformer.wte.register_forward_hook(lambda m, a, o: seen.append(a[0].numel()))
+    prefix_attn.enable_grouped(model)
     full = prefix_attn.grouped_forward(model, *inputs, G)
     only = prefix_attn.grouped_forward(model, *inputs, G, completion_only=True)
+    prefix_attn.disable_grouped(model)
     handle.remove()
     assert seen == [N * LP + N * G * LC] * 2  # each prompt token embedded once, not G times
     assert only.prompt_logits.shape == (N, 1, VOCAB) and only.completion_logits.shape == (N * G, LC, VOCAB)
@@ -162,11 +175,11 @@ def test_completion_only_log_probs_and_the_prompt_computed_once():
     prompt, pmask, completion, cmask = inputs
     logits = model(input_ids=torch.cat([prompt.repeat_interleave(G, 0), completion], 1),
                    attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1)).logits
-    want = torch.log_softmax(logits[:, LP - 1:-1].float() / 0.7, -1).gather(-1, completion[..., None])[..., 0]
+    want = torch.log_softmax(logits[:, LP - 1:-1] / 0.7, -1).gather(-1, completion[..., None])[..., 0]
     for out in (full, only):
         got = out.completion_log_probs(completion, temperature=0.7)
         assert got.shape == (N * G, LC)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="completion_ids must be"):
         only.completion_log_probs(completion[:, 1:])
 
@@ -181,8 +194,6 @@ def test_activation_checkpointing(kind, reentrant):
     want = grads(reference)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()  # dropouts are 0 in tiny_model: train mode only turns checkpointing on
-    with pytest.raises(ValueError, match="enable_grouped"):
-        prefix_attn.grouped_forward(model, *inputs, G)
     prefix_attn.enable_grouped(model)
     for _ in range(2):  # enable_grouped stays; a plain forward and generate() still run
         _, loss = grouped_loss(model, inputs, w)
@@ -252,13 +263,54 @@ def test_triton_backend(monkeypatch):
     assert max_rel(got, want) < 1e-4
 
 
+def test_selective_log_probs_in_blocks(monkeypatch):
+    """completion_log_probs' block-wise log-softmax: float64 values and gradients as log_softmax + gather, with rows
+    picked several times and several blocks; in bfloat16 the gradient is the float32 one rounded once."""
+    from prefix_attn.integrations.grouped import _SelectiveLogProbs
+
+    monkeypatch.setattr(_SelectiveLogProbs, "_blocks", staticmethod(lambda rows, vocab: [(0, 3), (3, 4), (4, rows)]))
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(7, 11, generator=gen, dtype=torch.float64)).requires_grad_()
+    where = torch.tensor([0, 0, 0, 5, 2, 6, 6, 3])
+    tokens = torch.tensor([1, 1, 4, 0, 10, 3, 3, 7])
+    g = torch.randn(8, generator=gen, dtype=torch.float64)
+    for temperature in (1.0, 0.7):
+        got = _SelectiveLogProbs.apply(logits, where, tokens, temperature)
+        (dgot,) = torch.autograd.grad(got, logits, g)
+        want = torch.log_softmax(logits / temperature, -1)[where, tokens]
+        (dwant,) = torch.autograd.grad(want, logits, g)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(dgot, dwant, atol=1e-12, rtol=1e-12)
+    half = logits.detach().bfloat16().requires_grad_()
+    (dhalf,) = torch.autograd.grad(_SelectiveLogProbs.apply(half, where, tokens, 1.0), half, g.float())
+    ref = half.detach().float().requires_grad_()
+    (dref,) = torch.autograd.grad(torch.log_softmax(ref, -1)[where, tokens], ref, g.float())
+    assert dhalf.dtype == torch.bfloat16
+    torch.testing.assert_close(dhalf.float(), dref.bfloat16().float(), atol=1e-6, rtol=0.01)
+
+
+def test_no_mask_of_the_whole_row(monkeypatch):
+    """A sliding-window model (Mistral's default 4096) builds no [T, T] mask of the packed row."""
+    from prefix_attn.integrations import attention
+
+    model = tiny_model("mistral", sliding_window=4096).eval()
+    prefix_attn.enable_grouped(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sdpa_mask built a mask of the whole packed row")
+
+    monkeypatch.setattr(attention, "sdpa_mask", refuse)
+    out = prefix_attn.grouped_forward(model, *batch(), G)
+    assert out.completion_logits.shape == (N * G, LC, VOCAB)
+
+
 def test_refusals():
     inputs = batch()
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                                              ffn_dim=32, num_attention_heads=2))
     with pytest.raises(NotImplementedError, match="model_type='opt'"):
         prefix_attn.grouped_forward(opt, *inputs, G)
-    model = tiny_model("gpt2").eval()
+    model = prefix_attn.enable_grouped(tiny_model("gpt2").eval())
     with pytest.raises(ValueError, match=r"completion_ids must be \[num_prompts \* group_size=4"):
         prefix_attn.grouped_forward(model, *inputs, 2)
     with pytest.raises(ValueError, match="prompt_mask must be"):
@@ -269,6 +321,9 @@ def test_refusals():
         prefix_attn.grouped_forward(model, *inputs, 0)
     with pytest.raises(ValueError, match="builds attention_mask itself"):
         prefix_attn.grouped_forward(model, *inputs, G, attention_mask=inputs[1])
+    with pytest.raises(ValueError, match="completion_mask is on meta"):
+        prefix_attn.grouped_forward(model, inputs[0], inputs[1], inputs[2], inputs[3].to("meta"), G)
+    prefix_attn.disable_grouped(model)
     bank = prefix_attn.PrefixBank({"a": PrefixTuning(model.config, num_virtual_tokens=2)})
     prefix_attn.enable(model, bank)
     with pytest.raises(NotImplementedError, match="PrefixBank"):

@@ -14,6 +14,8 @@ Masks the model builds itself (4-D) are reduced to a key mask or checked against
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from typing import Optional
 
@@ -42,11 +44,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 __all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx",
-           "prefix_attention_forward", "prefix_attention_mask", "register"]
+           "grouped_call", "prefix_attention_forward", "prefix_attention_mask", "register"]
 
 ATTN_IMPLEMENTATION = "prefix_attn"
 # the kwarg a grouped_forward call passes through the model to every attention layer (grouped.Groups)
 GROUPS_KWARG = "prefix_attn_groups"
+# True while a grouped_forward call runs the model: its layers split the row themselves, so no mask is built
+_GROUPED_CALL = contextvars.ContextVar("prefix_attn_grouped_call", default=False)
+
+
+@contextlib.contextmanager
+def grouped_call():
+    """While a grouped_forward call runs the model: the mask function returns None at once (the split is the
+    Groups'), so no ``[T, T]`` mask of the whole packed row is built for a sliding-window model."""
+    token = _GROUPED_CALL.set(True)
+    try:
+        yield
+    finally:
+        _GROUPED_CALL.reset(token)
 # The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
 # (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
 TESTED_TRANSFORMERS = ("5.23", "5.25")
@@ -125,6 +140,8 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     other pattern is evaluated and accepted only if it is causal + padding in the end (e.g. a sliding window
     longer than the sequence).
     """
+    if _GROUPED_CALL.get():
+        return None
     q_offset = int(q_offset)
     kv_offset = int(kv_offset)
     # a bidirectional mask may be a cross-attention's (queries of the decoder, keys of the encoder)
@@ -283,9 +300,14 @@ def _plain_attention(query, key, value, mask, causal, scaling, dropout_p):
     if causal and (mask is not None or len_q != len_k):  # bottom-right causal, and the key mask
         tri = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).tril(len_k - len_q)
         mask = tri if mask is None else mask & tri
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and mask is not None and query.device.type == "cuda":
+        # SDPA's enable_gqa with a mask falls back to its math kernel on CUDA (transformers repeats K/V there too)
+        rep = query.shape[1] // key.shape[1]
+        key, value, gqa = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), False
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
-        scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

@@ -1,6 +1,7 @@
 """Grouped-prompt forward (GRPO / RLOO / DAPO groups): ``N`` prompts with ``G`` completions each, every prompt
 computed once.
 
+    prefix_attn.enable_grouped(model)     # once: attention through prefix_attn's op (or enable a prefix)
     out = prefix_attn.grouped_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=G)
     out.prompt_logits       # [N, Lp, V]
     out.completion_logits   # [N * G, Lc, V]
@@ -24,10 +25,14 @@ prompt is made. Since :class:`Groups` travels with the call's kwargs, activation
 with the same split.
 
 With a prefix enabled (``prefix_attn.enable(model, PrefixTuning(...))``) each prompt's entry is the prefix followed
-by the prompt (an ``[N, Hkv, P + Lp, D]`` copy per layer, N not N * G), and positions are shifted by ``P`` as for
-any call of that model. Padded prompt keys (any padding side) are moved behind the unpadded ones in the entry (one
-gather of ``[N, Hkv, Lp, D]`` per layer, only when some prompt is padded): the kernel reads an entry's first
-``prefix_lengths`` slots.
+by the prompt (a ``cat`` into ``[N, Hkv, P + Lp, D]`` for K and for V per layer, N not N * G), and positions are
+shifted by ``P`` as for any call of that model. Padded prompt keys (any padding side) are moved behind the unpadded
+ones in the entry (a gather of ``[N, Hkv, Lp, D]`` for K and for V per layer, only when some prompt is padded): the
+kernel reads an entry's first ``prefix_lengths`` slots.
+
+Dropout in training mode: attention dropout runs in the kernels; the embedding and residual dropout of a prompt's
+tokens is drawn once and shared by its G completions, where the stock batch draws G independent masks (equal
+per row in distribution, not jointly). GRPO is usually trained with dropout off.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from .. import checks
 from ..ops import prefix_attention
-from .attention import ATTN_IMPLEMENTATION, GROUPS_KWARG, register
+from .attention import ATTN_IMPLEMENTATION, GROUPS_KWARG, grouped_call, register
 from .model_parts import _own_config, attention_modules
 
 __all__ = ["GroupedOutput", "Groups", "grouped_forward", "enable_grouped", "disable_grouped", "SUPPORTED_MODEL_TYPES"]
@@ -61,11 +66,11 @@ class GroupedOutput:
     logits: torch.Tensor
 
     def completion_log_probs(self, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """float32 ``[N * G, Lc]``: log p(completion token j | prompt, tokens < j), as GRPO takes them (TRL's
+        """float32 ``[N * G, Lc]`` (float64 for float64 logits): log p(completion token j | prompt, tokens < j), as GRPO takes them (TRL's
         per-token log-probs of ``logits[:, Lp - 1:-1] / temperature``): token 0 from the prompt's last position
-        (shared by its group, computed once), token j > 0 from completion position j - 1. Computed on ``logits``
-        as a whole (one log-sum-exp per position, the chosen logits picked by index): no zero-filled gradient of a
-        slice of the logits in the backward."""
+        (shared by its group, computed once), token j > 0 from completion position j - 1. Memory: the chosen
+        logits minus each position's log-sum-exp, computed over blocks of positions in float32; the backward
+        writes the logits' gradient in their own dtype, one block at a time (no float32 copy of the logits)."""
         rows, length = self.completion_logits.shape[:2]
         if tuple(completion_ids.shape) != (rows, length):
             raise ValueError(f"completion_ids must be [{rows}, {length}], got {list(completion_ids.shape)}")
@@ -75,55 +80,107 @@ class GroupedOutput:
         start = n * prompt_len + torch.arange(rows, device=device)[:, None] * length  # each completion's first
         where = torch.cat([first.repeat_interleave(self.group_size)[:, None],
                            start + torch.arange(length - 1, device=device)[None, :]], 1)  # [N * G, Lc]
-        logits = self.logits.float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        return logits[where, completion_ids] - torch.logsumexp(logits, -1)[where]
+        out = _SelectiveLogProbs.apply(self.logits, where.reshape(-1), completion_ids.reshape(-1).long(),
+                                       float(temperature))
+        return out.view(rows, length)
+
+
+class _SelectiveLogProbs(torch.autograd.Function):
+    """``logits [R, V]``, ``where [M]`` rows, ``tokens [M]`` -> ``[M]`` in float32 (float64 for float64 logits):
+    ``log_softmax(logits[where] / T)``
+    at ``tokens``, over blocks of rows (about 2**26 float32 values at a time)."""
+
+    @staticmethod
+    def _blocks(rows: int, vocab: int):
+        step = max(1, (1 << 26) // max(vocab, 1))
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+    @staticmethod
+    def forward(ctx, logits, where, tokens, temperature):
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, float64 for float64 logits
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        for a, b in _SelectiveLogProbs._blocks(*logits.shape):
+            lse[a:b] = torch.logsumexp(logits[a:b].to(acc) / temperature, -1)
+        ctx.save_for_backward(logits, where, tokens, lse)
+        ctx.temperature = temperature
+        return logits[where, tokens].to(acc) / temperature - lse[where]
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, where, tokens, lse = ctx.saved_tensors
+        t = ctx.temperature
+        # d out_m / d logits[r] = ([r = where_m] e_{tokens_m} - [r = where_m] softmax(logits[r] / T)) / T
+        g = grad.to(lse.dtype)
+        weight = torch.zeros_like(lse).index_add_(0, where, g)  # [R]: the sum of grad over each row's picks
+        blocks = _SelectiveLogProbs._blocks(*logits.shape)
+        order = torch.argsort(where, stable=True)
+        starts = torch.tensor([a for a, _ in blocks] + [logits.shape[0]], device=where.device)
+        bounds = torch.searchsorted(where[order], starts).tolist()  # the one host read of the backward
+        out = torch.empty_like(logits)
+        for i, (a, b) in enumerate(blocks):
+            block = torch.exp(logits[a:b].to(lse.dtype) / t - lse[a:b, None]) * (-weight[a:b, None] / t)
+            picks = order[bounds[i]:bounds[i + 1]]  # the picks on rows a..b-1: added in float32, rounded once
+            block.index_put_((where[picks] - a, tokens[picks]), g[picks] / t, accumulate=True)
+            out[a:b] = block.to(logits.dtype)
+        return out, None, None, None
 
 
 class Groups:
-    """The split of one grouped call, resolved once (one host read of the prompt mask) and read by every layer.
+    """The split of one grouped call, resolved once (one host read of the masks) and read by every layer.
 
-    ``prompt_keys [N, Lp]`` / ``completion_keys [N * G, Lc]``: bool key masks, None when nothing is padded;
-    ``ids [N * G]`` int32: each completion's prompt; ``valid [N]``: each prompt's unpadded length (host list);
-    ``order [N, Lp]`` int64: each prompt's unpadded slots first (None when no prompt is padded).
+    Per device the layers run on (a model split over devices): ``prompt_keys [N, Lp]`` / ``completion_keys [N * G,
+    Lc]`` bool key masks (None when nothing is padded), ``ids [N * G]`` int32 (each completion's prompt), ``order
+    [N, Lp]`` int64 (each prompt's unpadded slots first; None when no prompt is padded); ``valid``: each prompt's
+    unpadded length (host list).
     """
 
     def __init__(self, num_prompts: int, group_size: int, prompt_len: int, completion_len: int,
                  prompt_mask: torch.Tensor, completion_mask: torch.Tensor):
         self.n, self.g, self.lp, self.lc = num_prompts, group_size, prompt_len, completion_len
-        device = prompt_mask.device
         pmask, cmask = prompt_mask.to(torch.bool), completion_mask.to(torch.bool)
-        valid = pmask.sum(1)
-        self.valid = valid.tolist()  # the one host read of the call
+        stats = torch.cat([pmask.sum(1), cmask.all().reshape(1).long()]).tolist()  # the one host read of the call
+        self.valid = stats[:num_prompts]
         padded = any(v != prompt_len for v in self.valid)
-        self.prompt_keys = pmask if padded else None
-        self.order = torch.argsort((~pmask).to(torch.int8), dim=1, stable=True) if padded else None
-        self.completion_keys = None if bool(cmask.all()) else cmask
-        values = [i for i in range(num_prompts) for _ in range(group_size)]
-        self.ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
-        if values:
-            checks.known(self.ids, "min_max", (0, num_prompts - 1))
-        checks.known(self.ids, "list", values)
-        if torch.is_grad_enabled():
-            checks.known(self.ids, "used_entries", checks.group_rows_host(values, device))
+        self._masks = (pmask if padded else None,
+                       torch.argsort((~pmask).to(torch.int8), dim=1, stable=True) if padded else None,
+                       None if stats[num_prompts] else cmask)
+        self._values = [i for i in range(num_prompts) for _ in range(group_size)]
+        self._devices = {}
         self._lengths = {}
 
+    def on(self, device) -> dict:
+        """prompt_keys, order, completion_keys, ids on ``device`` (made once per device)."""
+        if device not in self._devices:
+            prompt_keys, order, completion_keys = (None if t is None else t.to(device) for t in self._masks)
+            values = self._values
+            ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
+            checks.known(ids, "min_max", (0, self.n - 1))
+            checks.known(ids, "list", values)
+            if torch.is_grad_enabled():  # the backward's grouping of the rows by prompt
+                checks.known(ids, "used_entries", checks.group_rows_host(values, device))
+            self._devices[device] = dict(prompt_keys=prompt_keys, order=order, completion_keys=completion_keys,
+                                         ids=ids)
+        return self._devices[device]
+
     def lengths(self, num_prefix: int, device) -> Optional[torch.Tensor]:
-        """int32 ``[N]``: the visible slots of each entry (prefix + unpadded prompt); None when all are."""
-        if num_prefix not in self._lengths:
+        """int32 ``[N]`` on ``device``: the visible slots of each entry (prefix + unpadded prompt); None when all
+        are."""
+        key = (num_prefix, device)
+        if key not in self._lengths:
             values = [num_prefix + v for v in self.valid]
             t = None
             if any(v != num_prefix + self.lp for v in values):
                 t = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
                 checks.known(t, "min_max", (min(values), max(values)))
-            self._lengths[num_prefix] = t
-        return self._lengths[num_prefix]
+                checks.known(t, "list", values)
+            self._lengths[key] = t
+        return self._lengths[key]
 
-    def _entries(self, prompt: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _entries(prompt: torch.Tensor, prefix: Optional[torch.Tensor], order: Optional[torch.Tensor]) -> torch.Tensor:
         """``prompt [N, Hkv, Lp, D]`` (+ ``prefix [Hkv, P, D]``) -> the bank ``[N, Hkv, P + Lp, D]``."""
-        if self.order is not None:
-            prompt = prompt.gather(2, self.order[:, None, :, None].expand(prompt.shape))
+        if order is not None:
+            prompt = prompt.gather(2, order[:, None, :, None].expand(prompt.shape))
         if prefix is not None and prefix.shape[1]:
             prefix = prefix.to(dtype=prompt.dtype, device=prompt.device)
             prompt = torch.cat([prefix.unsqueeze(0).expand(prompt.shape[0], -1, -1, -1), prompt], 2)
@@ -150,10 +207,11 @@ class Groups:
             prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
             prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
         common = dict(softmax_scale=scaling, softcap=softcap, dropout_p=dropout_p)
-        out_p = prefix_attention(qp, kp, vp, prefix_k, prefix_v, attention_mask=self.prompt_keys, **common)
-        bank_k, bank_v = self._entries(kp, prefix_k), self._entries(vp, prefix_v)
-        out_c = prefix_attention(qc, kc, vc, bank_k, bank_v, attention_mask=self.completion_keys,
-                                 prefix_ids=self.ids, prefix_lengths=self.lengths(prefix_k.shape[1], query.device),
+        here = self.on(query.device)
+        out_p = prefix_attention(qp, kp, vp, prefix_k, prefix_v, attention_mask=here["prompt_keys"], **common)
+        bank_k, bank_v = (self._entries(t, p, here["order"]) for t, p in ((kp, prefix_k), (vp, prefix_v)))
+        out_c = prefix_attention(qc, kc, vc, bank_k, bank_v, attention_mask=here["completion_keys"],
+                                 prefix_ids=here["ids"], prefix_lengths=self.lengths(prefix_k.shape[1], query.device),
                                  **common)
         out = torch.cat([out_p.transpose(1, 2).flatten(0, 1), out_c.transpose(1, 2).flatten(0, 1)], 0)
         return out.unsqueeze(0)
@@ -175,10 +233,11 @@ def _check_model(model) -> None:
 
 def enable_grouped(model):
     """Run a stock model's attention through prefix_attn's op (the attention implementation ``"prefix_attn"`` with
-    no prefix: values as the stock attention's) until :func:`disable_grouped`, so that :func:`grouped_forward` can
-    be called under activation checkpointing, whose recompute runs in the backward, after the call returned.
-    Other calls (``generate()``, a plain forward) run as before. A no-op on a model enabled with a prefix (it runs
-    ``"prefix_attn"`` already) or already switched. Returns the model."""
+    no prefix) until :func:`disable_grouped`, as :func:`grouped_forward` needs: the switch outlives each call, so
+    activation checkpointing (of any kind) recomputes the layers in the backward with the same attention. Other
+    calls (``generate()``, a plain forward) compute the stock values, through SDPA with a key mask (no sliding
+    window shorter than the keys, no softcap: refused with the reason). A no-op on a model enabled with a prefix (it
+    runs ``"prefix_attn"`` already) or already switched. Returns the model."""
     _check_model(model)
     if model.config._attn_implementation == ATTN_IMPLEMENTATION:
         return model
@@ -228,8 +287,10 @@ def _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, grou
     if n == 0 or lp == 0 or lc == 0:
         raise ValueError(f"grouped_forward needs at least one prompt token and one completion token per row; got "
                          f"prompt_ids {tuple(prompt_ids.shape)}, completion_ids {tuple(completion_ids.shape)}")
-    if prompt_ids.device != completion_ids.device:
-        raise ValueError(f"prompt_ids is on {prompt_ids.device} but completion_ids on {completion_ids.device}")
+    for name, t in (("prompt_mask", prompt_mask), ("completion_ids", completion_ids),
+                    ("completion_mask", completion_mask)):
+        if t.device != prompt_ids.device:
+            raise ValueError(f"{name} is on {t.device} but prompt_ids is on {prompt_ids.device}")
 
 
 def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -253,47 +314,38 @@ def grouped_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
         :class:`GroupedOutput` with ``prompt_logits [N, Lp, V]`` and ``completion_logits [N * G, Lc, V]``, equal to
         the stock call on the concatenated batch (module docstring); padded positions included.
 
-    A stock model's attention is switched to prefix_attn's for the call and back; under activation checkpointing
-    in training the switch must outlive the call (the layers are recomputed in the backward): call
-    :func:`enable_grouped` once first.
+    The model must run its attention through prefix_attn's op: :func:`enable_grouped` once (a stock model), or
+    ``prefix_attn.enable(model, prefix)``; otherwise ValueError.
     """
     _check_model(model)
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
     if "cache" in model_kwargs or "past_key_values" in model_kwargs:
         raise ValueError("grouped_forward runs without a KV cache (it is a training forward)")
-    for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits_to_keep", "labels"):
+    for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits_to_keep", "labels",
+                 "return_dict"):
         if name in model_kwargs:
             raise ValueError(f"grouped_forward builds {name} itself; do not pass it")
     n, lp = prompt_ids.shape
     rows, lc = completion_ids.shape
     device = prompt_ids.device
-    switched = model.config._attn_implementation != ATTN_IMPLEMENTATION
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.25
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if switched and checkpointing and model.training and torch.is_grad_enabled():
-        raise ValueError("grouped_forward under activation checkpointing: the layers are recomputed in the backward, "
-                         "after this call returns, so the model's attention must stay switched; call "
-                         "prefix_attn.enable_grouped(model) once before training (prefix_attn.disable_grouped "
-                         "undoes it)")
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"grouped_forward needs the model's attention to run through prefix_attn's op: call "
+                         f"prefix_attn.enable_grouped(model) once first (or prefix_attn.enable(model, prefix)); this "
+                         f"model runs attn_implementation={model.config._attn_implementation!r}. The switch must "
+                         f"outlive the call: activation checkpointing recomputes the layers in the backward")
     groups = Groups(n, group_size, lp, lc, prompt_mask, completion_mask)
     ids = torch.cat([prompt_ids.reshape(-1), completion_ids.reshape(-1)]).unsqueeze(0)
     positions = torch.cat([torch.arange(lp, device=device).repeat(n),
                            torch.arange(lp, lp + lc, device=device).repeat(rows)]).unsqueeze(0)
-    # all ones: the row is one sequence to transformers and to the prefix hooks (the split is the Groups')
+    # all ones: the row is one sequence to the prefix hooks (the split is the Groups')
     mask = torch.ones_like(ids)
     kwargs = dict(model_kwargs, use_cache=False, **{GROUPS_KWARG: groups})
-    if completion_only:  # each prompt's last position (it predicts the completions' first token), the completions
-        keep = torch.cat([torch.arange(lp - 1, n * lp, lp, device=device),
-                          torch.arange(n * lp, n * lp + rows * lc, device=device)])
-        kwargs["logits_to_keep"] = keep
-    if switched:
-        enable_grouped(model)
-    try:
+    if completion_only:  # each prompt's last position (it predicts the completions' first token), the completions;
+        # on the host: an index of any device selects rows of the last layer's output wherever it is
+        kwargs["logits_to_keep"] = torch.cat([torch.arange(lp - 1, n * lp, lp),
+                                              torch.arange(n * lp, n * lp + rows * lc)])
+    with grouped_call():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
-    finally:
-        if switched:
-            disable_grouped(model)
     prompt_len = 1 if completion_only else lp
     logits = logits[0]
     return GroupedOutput(logits[:n * prompt_len].unflatten(0, (n, prompt_len)),

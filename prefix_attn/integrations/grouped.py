@@ -68,10 +68,10 @@ class GroupedOutput:
     def completion_log_probs(self, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """float32 ``[N * G, Lc]`` (float64 for float64 logits): log p(completion token j | prompt, tokens < j), as
         GRPO takes them (TRL's per-token log-probs of ``logits[:, Lp - 1:-1] / temperature``): token 0 from the
-        prompt's last position
-        (shared by its group, computed once), token j > 0 from completion position j - 1. Memory: the chosen
-        logits minus each position's log-sum-exp, computed over blocks of positions in float32; the backward
-        writes the logits' gradient in their own dtype, one block at a time (no float32 copy of the logits)."""
+        prompt's last position (shared by its group, computed once), token j > 0 from completion position j - 1.
+        Memory: the chosen logits minus each position's log-sum-exp, computed over blocks of positions in float32;
+        the backward writes the logits' gradient in their own dtype, one block at a time (no float32 copy of the
+        logits)."""
         rows, length = self.completion_logits.shape[:2]
         if tuple(completion_ids.shape) != (rows, length):
             raise ValueError(f"completion_ids must be [{rows}, {length}], got {list(completion_ids.shape)}")

@@ -270,21 +270,22 @@ def test_selective_log_probs_in_blocks(monkeypatch):
 
     monkeypatch.setattr(_SelectiveLogProbs, "_blocks", staticmethod(lambda rows, vocab: [(0, 3), (3, 4), (4, rows)]))
     gen = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(7, 11, generator=gen, dtype=torch.float64)).requires_grad_()
-    where = torch.tensor([0, 0, 0, 5, 2, 6, 6, 3])
-    tokens = torch.tensor([1, 1, 4, 0, 10, 3, 3, 7])
-    g = torch.randn(8, generator=gen, dtype=torch.float64)
+    logits = (3 * torch.randn(9, 11, generator=gen, dtype=torch.float64)).requires_grad_()
+    used = torch.tensor([0, 5, 2, 6, 3, 8])  # rows 1, 4 and 7 unused: zero gradient
+    where = torch.tensor([0, 0, 0, 1, 2, 3, 3, 4, 5])
+    tokens = torch.tensor([1, 1, 4, 0, 10, 3, 3, 7, 2])
+    g = torch.randn(9, generator=gen, dtype=torch.float64)
     for temperature in (1.0, 0.7):
-        got = _SelectiveLogProbs.apply(logits, where, tokens, temperature)
+        got = _SelectiveLogProbs.apply(logits, used, where, tokens, temperature)
         (dgot,) = torch.autograd.grad(got, logits, g)
-        want = torch.log_softmax(logits / temperature, -1)[where, tokens]
+        want = torch.log_softmax(logits / temperature, -1)[used[where], tokens]
         (dwant,) = torch.autograd.grad(want, logits, g)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(dgot, dwant, atol=1e-12, rtol=1e-12)
     half = logits.detach().bfloat16().requires_grad_()
-    (dhalf,) = torch.autograd.grad(_SelectiveLogProbs.apply(half, where, tokens, 1.0), half, g.float())
+    (dhalf,) = torch.autograd.grad(_SelectiveLogProbs.apply(half, used, where, tokens, 1.0), half, g.float())
     ref = half.detach().float().requires_grad_()
-    (dref,) = torch.autograd.grad(torch.log_softmax(ref, -1)[where, tokens], ref, g.float())
+    (dref,) = torch.autograd.grad(torch.log_softmax(ref, -1)[used[where], tokens], ref, g.float())
     assert dhalf.dtype == torch.bfloat16
     torch.testing.assert_close(dhalf.float(), dref.bfloat16().float(), atol=1e-6, rtol=0.01)
 

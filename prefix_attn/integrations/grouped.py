@@ -79,17 +79,20 @@ class GroupedOutput:
         device = completion_ids.device
         first = torch.arange(prompt_len - 1, n * prompt_len, prompt_len, device=device)  # each prompt's last
         start = n * prompt_len + torch.arange(rows, device=device)[:, None] * length  # each completion's first
-        where = torch.cat([first.repeat_interleave(self.group_size)[:, None],
-                           start + torch.arange(length - 1, device=device)[None, :]], 1)  # [N * G, Lc]
-        out = _SelectiveLogProbs.apply(self.logits, where.reshape(-1), completion_ids.reshape(-1).long(),
+        # the positions read: each prompt's last, each completion's but its last ([N + N * G * (Lc - 1)], no
+        # repeats); where each token's logits are among them
+        used = torch.cat([first, (start + torch.arange(length - 1, device=device)[None, :]).reshape(-1)])
+        where = torch.cat([torch.arange(n, device=device).repeat_interleave(self.group_size)[:, None],
+                           n + torch.arange(rows * (length - 1), device=device).view(rows, length - 1)], 1)
+        out = _SelectiveLogProbs.apply(self.logits, used, where.reshape(-1), completion_ids.reshape(-1).long(),
                                        float(temperature))
         return out.view(rows, length)
 
 
 class _SelectiveLogProbs(torch.autograd.Function):
-    """``logits [R, V]``, ``where [M]`` rows, ``tokens [M]`` -> ``[M]`` in float32 (float64 for float64 logits):
-    ``log_softmax(logits[where] / T)``
-    at ``tokens``, over blocks of rows (about 2**26 float32 values at a time)."""
+    """``logits [R, V]``, ``used [U]`` (distinct rows), ``where [M]`` (into ``used``), ``tokens [M]`` -> ``[M]`` in
+    float32 (float64 for float64 logits): ``log_softmax(logits[used[where]] / T)`` at ``tokens``, over blocks of
+    the used rows (about 2**26 values at a time); rows not used get a zero gradient."""
 
     @staticmethod
     def _blocks(rows: int, vocab: int):
@@ -97,33 +100,39 @@ class _SelectiveLogProbs(torch.autograd.Function):
         return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
     @staticmethod
-    def forward(ctx, logits, where, tokens, temperature):
-        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, float64 for float64 logits
-        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        for a, b in _SelectiveLogProbs._blocks(*logits.shape):
-            lse[a:b] = torch.logsumexp(logits[a:b].to(acc) / temperature, -1)
-        ctx.save_for_backward(logits, where, tokens, lse)
+    def _scaled(logits, rows, acc, temperature):
+        x = logits.index_select(0, rows).to(acc)
+        return x.div_(temperature) if temperature != 1.0 else x
+
+    @staticmethod
+    def forward(ctx, logits, used, where, tokens, temperature):
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(used.shape[0], dtype=acc, device=logits.device)
+        for a, b in _SelectiveLogProbs._blocks(used.shape[0], logits.shape[1]):
+            lse[a:b] = torch.logsumexp(_SelectiveLogProbs._scaled(logits, used[a:b], acc, temperature), -1)
+        ctx.save_for_backward(logits, used, where, tokens, lse)
         ctx.temperature = temperature
-        return logits[where, tokens].to(acc) / temperature - lse[where]
+        return logits[used[where], tokens].to(acc) / temperature - lse[where]
 
     @staticmethod
     def backward(ctx, grad):
-        logits, where, tokens, lse = ctx.saved_tensors
+        logits, used, where, tokens, lse = ctx.saved_tensors
         t = ctx.temperature
-        # d out_m / d logits[r] = ([r = where_m] e_{tokens_m} - [r = where_m] softmax(logits[r] / T)) / T
+        # d out_m / d logits[u] = ([u = used[where_m]] e_{tokens_m} - [u = used[where_m]] softmax(logits[u] / T)) / T
         g = grad.to(lse.dtype)
-        weight = torch.zeros_like(lse).index_add_(0, where, g)  # [R]: the sum of grad over each row's picks
-        blocks = _SelectiveLogProbs._blocks(*logits.shape)
+        weight = torch.zeros_like(lse).index_add_(0, where, g)  # [U]: the sum of grad over each row's picks
+        blocks = _SelectiveLogProbs._blocks(used.shape[0], logits.shape[1])
         order = torch.argsort(where, stable=True)
-        starts = torch.tensor([a for a, _ in blocks] + [logits.shape[0]], device=where.device)
+        starts = torch.tensor([a for a, _ in blocks] + [used.shape[0]], device=where.device)
         bounds = torch.searchsorted(where[order], starts).tolist()  # the one host read of the backward
-        out = torch.empty_like(logits)
+        out = torch.zeros_like(logits)
         for i, (a, b) in enumerate(blocks):
-            block = torch.exp(logits[a:b].to(lse.dtype) / t - lse[a:b, None]) * (-weight[a:b, None] / t)
-            picks = order[bounds[i]:bounds[i + 1]]  # the picks on rows a..b-1: added in float32, rounded once
+            block = _SelectiveLogProbs._scaled(logits, used[a:b], lse.dtype, t)
+            block.sub_(lse[a:b, None]).exp_().mul_(-weight[a:b, None] / t)
+            picks = order[bounds[i]:bounds[i + 1]]  # the picks on these rows: added in float32, rounded once
             block.index_put_((where[picks] - a, tokens[picks]), g[picks] / t, accumulate=True)
-            out[a:b] = block.to(logits.dtype)
-        return out, None, None, None
+            out.index_copy_(0, used[a:b], block.to(logits.dtype))
+        return out, None, None, None, None
 
 
 class Groups:

@@ -107,17 +107,19 @@ def float64_model(kind, **overrides):
 TOL = 1e-10  # relative to the largest value of each tensor: float64 rounding
 
 
-def assert_matches_stock(model, inputs, w, g=G):
+def assert_matches_stock(model, inputs, w, g=G, tol=TOL, grad_tol=TOL):
+    """grouped_forward's logits and the gradients of every trainable parameter against the stock call's, each
+    within ``tol`` / ``grad_tol`` relative to its largest value; returns (output, gradients)."""
     want_p, want_c, want_loss = stock_loss(model, inputs, w, g=g)
     want_loss.backward()
     want_g = grads(model)
     out, loss = grouped_loss(model, inputs, w, g=g)
     loss.backward()
     got = grads(model)
-    assert max_rel(out.prompt_logits.detach(), want_p.detach()) <= TOL
-    assert max_rel(out.completion_logits.detach(), want_c.detach()) <= TOL
-    assert max_rel(got, want_g) <= TOL, {k: max_rel(got[k], want_g[k]) for k in got}
-    return out
+    assert max_rel(out.prompt_logits.detach(), want_p.detach()) <= tol
+    assert max_rel(out.completion_logits.detach(), want_c.detach()) <= tol
+    assert max_rel(got, want_g) <= grad_tol, {k: max_rel(got[k], want_g[k]) for k in got}
+    return out, got
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
@@ -144,17 +146,8 @@ def test_with_a_prefix_enabled(kind):
     with torch.no_grad():
         prefix.prefix_kv.normal_(0.0, 0.5)
     prefix_attn.enable(model, prefix, freeze_model=False)
-    inputs, w = batch(seed=7), weights(8)
-    want_p, want_c, want_loss = stock_loss(model, inputs, w)
-    want_loss.backward()
-    want = grads(model)
-    out, loss = grouped_loss(model, inputs, w)
-    loss.backward()
-    got = grads(model)
+    _, got = assert_matches_stock(model, batch(seed=7), weights(8))
     assert "prefix_attn.prefix_kv" in got and len(got) == len(list(model.parameters()))
-    assert max_rel(out.prompt_logits.detach(), want_p.detach()) <= TOL
-    assert max_rel(out.completion_logits.detach(), want_c.detach()) <= TOL
-    assert max_rel(got, want) <= TOL, {k: max_rel(got[k], want[k]) for k in got}
 
 
 def test_completion_only_log_probs_and_the_prompt_computed_once():
@@ -252,15 +245,7 @@ def test_triton_backend(monkeypatch):
     """The same split through the Triton kernels (the interpreter on a CPU), float32."""
     monkeypatch.setenv("PREFIX_ATTN_BACKEND", "triton")
     model = tiny_model("llama").eval()
-    inputs, w = batch(seed=15), weights(16, dtype=torch.float32)
-    _, want_c, want_loss = stock_loss(model, inputs, w)
-    want_loss.backward()
-    want = grads(model)
-    out, loss = grouped_loss(model, inputs, w)
-    loss.backward()
-    got = grads(model)
-    assert max_rel(out.completion_logits.detach(), want_c.detach()) < 1e-5
-    assert max_rel(got, want) < 1e-4
+    assert_matches_stock(model, batch(seed=15), weights(16, dtype=torch.float32), tol=1e-5, grad_tol=1e-4)
 
 
 def test_selective_log_probs_in_blocks(monkeypatch):

@@ -140,7 +140,7 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     other pattern is evaluated and accepted only if it is causal + padding in the end (e.g. a sliding window
     longer than the sequence).
     """
-    if _GROUPED_CALL.get():
+    if not torch.compiler.is_compiling() and _GROUPED_CALL.get():  # (a ContextVar read would break a graph)
         return None
     q_offset = int(q_offset)
     kv_offset = int(kv_offset)

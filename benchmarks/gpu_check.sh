@@ -94,7 +94,7 @@ env_lines() {
 gpu_tests() {  # gpu_tests XML: pytest -m gpu, on 8 workers where pytest-xdist is there; junit XML for the triage
     mkdir -p "$(dirname "$1")"
     "$PY" -m pytest -q -rf -p no:cacheprovider -m gpu ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} --junitxml="$1" \
-        tests/test_triton.py tests/test_host_reads.py
+        tests/test_triton.py tests/test_host_reads.py tests/test_decode.py tests/test_grouped.py
 }
 
 suite() {  # suite XML: the Triton grids of the CPU suite (odd lengths, P = 0 / 1, every head dim), on the GPU

@@ -314,3 +314,13 @@ def test_refusals():
     prefix_attn.enable(model, bank)
     with pytest.raises(NotImplementedError, match="PrefixBank"):
         prefix_attn.grouped_forward(model, *inputs, G)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu():
+    """On a GPU (Triton kernels): float32 logits and gradients against the stock call on the same device."""
+    model = tiny_model("llama").cuda().eval()
+    inputs = tuple(t.cuda() for t in batch(seed=17))
+    w = tuple(t.cuda() for t in weights(18, dtype=torch.float32))
+    assert_matches_stock(model, inputs, w, tol=1e-4, grad_tol=1e-3)

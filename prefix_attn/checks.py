@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 
 __all__ = ["check_padded", "check_packed", "check_softcap", "bank_values", "group_rows", "host_list", "memo", "known",
-           "trust"]
+           "trust", "from_host"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MEMO_SIZE = 256
@@ -79,6 +79,19 @@ def known(t: torch.Tensor, what: str, value) -> None:
 def trust(t: torch.Tensor) -> torch.Tensor:
     """Mark a tensor the package made (and nobody else writes) as memoisable also in inference mode; returns it."""
     _MEMO.trusted[id(t)] = t
+    return t
+
+
+def from_host(values: List[int], device, *, row_groups: bool = False) -> torch.Tensor:
+    """An int32 tensor on ``device`` made from host ``values`` (prefix ids, entry lengths), with what the checks
+    would read from it recorded (its range, its values; with ``row_groups``, the backward's grouping of the rows by
+    entry, when autograd is on): no host read of it later."""
+    t = trust(torch.tensor(values, dtype=torch.int32, device=device))
+    if values:
+        known(t, "min_max", (min(values), max(values)))
+    known(t, "list", values)
+    if row_groups and torch.is_grad_enabled():  # the grouping serves the backward only
+        known(t, "used_entries", group_rows_host(values, device))
     return t
 
 

@@ -49,6 +49,11 @@ __all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_
 ATTN_IMPLEMENTATION = "prefix_attn"
 # the kwarg a grouped_forward call passes through the model to every attention layer (grouped.Groups)
 GROUPS_KWARG = "prefix_attn_groups"
+# The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
+# (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
+TESTED_TRANSFORMERS = ("5.23", "5.25")
+_warned_version = []
+
 # True while a grouped_forward call runs the model: its layers split the row themselves, so no mask is built
 _GROUPED_CALL = contextvars.ContextVar("prefix_attn_grouped_call", default=False)
 
@@ -62,10 +67,6 @@ def grouped_call():
         yield
     finally:
         _GROUPED_CALL.reset(token)
-# The transformers releases the test suite runs on (oldest, newest). Each release renames or moves something
-# (5.24: past_key_values -> cache); enable() warns once on a release outside this range.
-TESTED_TRANSFORMERS = ("5.23", "5.25")
-_warned_version = []
 
 
 def _minor(version: str):
@@ -236,11 +237,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         # half-precision models: the prefix is kept in its own (float32) dtype and cast here, differentiably
         pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
     len_q, len_k = query.shape[2], key.shape[2]
-    window = kwargs.get("sliding_window")
-    if window is not None and binding.num_virtual_tokens + len_k > window:
-        raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys "
-                                  f"({binding.num_virtual_tokens} + {len_k}); prefix_attn has no sliding "
-                                  "window")
+    _check_window(kwargs.get("sliding_window"), binding.num_virtual_tokens, len_k)
     if packed is not None:
         if not causal:
             raise NotImplementedError("packed sequences in a bidirectional encoder: not supported; pad the batch")
@@ -261,6 +258,13 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2), None
 
 
+def _check_window(window, num_prefix: int, len_k: int) -> None:
+    """A model's sliding window is honoured while it covers all a query sees (prefix + keys); else refused."""
+    if window is not None and num_prefix + len_k > window:
+        raise NotImplementedError(f"sliding_window={window} is shorter than prefix + keys ({num_prefix} + {len_k}); "
+                                  f"prefix_attn has no sliding window")
+
+
 def _grouped_or_plain(module, groups, binding, query, key, value, mask, causal, scaling, dropout_p, kwargs):
     """A layer of a grouped_forward call (``groups.attention``: the prompts once, their completions reading them
     in place), or a plain call of a stock model that ``enable_grouped`` switched (no prefix, as ``"sdpa"``)."""
@@ -273,12 +277,9 @@ def _grouped_or_plain(module, groups, binding, query, key, value, mask, causal, 
     pk = pv = None
     if binding is not None:
         pk, pv = binding.key_value(getattr(module, "_prefix_attn_slot", module.layer_idx))
-    # the longest row of keys a query sees: a completion's prefix + prompt + completion
-    span = key.shape[2] if groups is None else (0 if pk is None else pk.shape[1]) + groups.lp + groups.lc
-    window = kwargs.get("sliding_window")
-    if window is not None and span > window:
-        raise NotImplementedError(f"sliding_window={window} is shorter than the {span} keys a query sees; prefix_attn "
-                                  f"has no sliding window")
+    # the longest row of keys a query sees: a completion's prompt + completion (after the prefix)
+    _check_window(kwargs.get("sliding_window"), 0 if pk is None else pk.shape[1],
+                  key.shape[2] if groups is None else groups.lp + groups.lc)
     if groups is None:
         if softcap:
             raise NotImplementedError(f"{type(module).__name__} asks for softcap; the plain attention of a model "

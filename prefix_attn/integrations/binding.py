@@ -122,13 +122,7 @@ class Binding:
             checks.known(lengths, "min_max", (min(entry_p), max(entry_p)))
         values = self.row_values(batch)
         # made from the host list: its range and the row grouping of the backward are known without a read
-        ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
-        if values:
-            checks.known(ids, "min_max", (min(values), max(values)))
-        checks.known(ids, "list", values)
-        if torch.is_grad_enabled():  # the grouping serves the backward only
-            checks.known(ids, "used_entries", checks.group_rows_host(values, device))
-        return {"prefix_ids": ids, "prefix_lengths": lengths}
+        return {"prefix_ids": checks.from_host(values, device, row_groups=True), "prefix_lengths": lengths}
 
     def _versions(self):
         return tuple(p._version for p in self.prefix.parameters())

@@ -162,14 +162,8 @@ class Groups:
         """prompt_keys, order, completion_keys, ids on ``device`` (made once per device)."""
         if device not in self._devices:
             prompt_keys, order, completion_keys = (None if t is None else t.to(device) for t in self._masks)
-            values = self._values
-            ids = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
-            checks.known(ids, "min_max", (0, self.n - 1))
-            checks.known(ids, "list", values)
-            if torch.is_grad_enabled():  # the backward's grouping of the rows by prompt
-                checks.known(ids, "used_entries", checks.group_rows_host(values, device))
             self._devices[device] = dict(prompt_keys=prompt_keys, order=order, completion_keys=completion_keys,
-                                         ids=ids)
+                                         ids=checks.from_host(self._values, device, row_groups=True))
         return self._devices[device]
 
     def lengths(self, num_prefix: int, device) -> Optional[torch.Tensor]:
@@ -178,12 +172,8 @@ class Groups:
         key = (num_prefix, device)
         if key not in self._lengths:
             values = [num_prefix + v for v in self.valid]
-            t = None
-            if any(v != num_prefix + self.lp for v in values):
-                t = checks.trust(torch.tensor(values, dtype=torch.int32, device=device))
-                checks.known(t, "min_max", (min(values), max(values)))
-                checks.known(t, "list", values)
-            self._lengths[key] = t
+            padded = any(v != num_prefix + self.lp for v in values)
+            self._lengths[key] = checks.from_host(values, device) if padded else None
         return self._lengths[key]
 
     @staticmethod

@@ -67,6 +67,9 @@ def _worker(rank: int, port: int, out: str, mode: str) -> None:
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP2: a sharded DTensor
         if rank == 0:
             torch.save({"grad": grad.clone(), "trainable": trainable}, out)
+        # no rank tears its group down while the other may still be in a collective (gloo aborts that rank:
+        # "terminate called without an active exception"); on the success path only, so a failed rank never hangs
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -146,6 +146,12 @@ def _flex_fn(compiled: bool):
         return flex_attention
     if "compiled" not in _FLEX:
         _dynamo_allow_many_shapes()
+        import torch._functorch.config
+
+        # the "bwd" mode replays backward(retain_graph=True) on one saved forward; donated buffers (freed by
+        # the first backward) would forbid it
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
         _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX["compiled"]
 

@@ -138,12 +138,12 @@ if [ -n "$DO" ]; then
 fi
 
 if [ "$STAGE" = 1 ]; then
-    step env 20 bash "$SELF" --do env_report; publish env.txt
+    step env 40 bash "$SELF" --do env_report; publish env.txt
     step gpu_tests 150 bash "$SELF" --do gpu_tests "$WORK/gpu_tests.xml"; publish gpu_tests.xml
-    step decode 45 "$PY" benchmarks/bench_decode.py --out "$WORK" --shapes gpt2-small,llama3-8b-gqa --len-q 1,16
+    step decode 30 "$PY" benchmarks/bench_decode.py --out "$WORK" --shapes gpt2-small,llama3-8b-gqa --len-q 1,16
     [ "$DRY" = 0 ] && cp "$WORK"/decode_*.md "$WORK/decode.md" 2>/dev/null
     publish decode.md
-    step attention 85 "$PY" benchmarks/bench_attention.py --shapes gpt2-small,llama-7b --dtypes bfloat16 --prefix 64 \
+    step attention 80 "$PY" benchmarks/bench_attention.py --shapes gpt2-small,llama-7b --dtypes bfloat16 --prefix 64 \
         --modes fwd,bwd,fwdbwd --methods "prefix_attn,sdpa[auto],flex,peft_eager" --time-budget 55 --out "$WORK" --no-table
     [ "$DRY" = 0 ] && cp "$WORK"/attention_*.json "$WORK/attention.json" 2>/dev/null
     publish attention.json

@@ -95,7 +95,7 @@ def run_variant(case, dtype, seed: int, variant: str, device: str = "cuda") -> d
         rows = grid.case_errors(op, case, dtype, device=device, seed=seed)
     except Exception as exc:  # noqa: BLE001 - a crash is a result too
         return {"first_wrong": "crash", "outputs": {"crash": f"{type(exc).__name__}: {str(exc)[:300]}"},
-                "s": round(time.time() - t0, 2)}
+                "kernel": faulting_launch(exc), "s": round(time.time() - t0, 2)}
     finally:
         tuning.override(None)
     problems = {name: problem for name, problem, _, _ in rows}
@@ -103,11 +103,45 @@ def run_variant(case, dtype, seed: int, variant: str, device: str = "cuda") -> d
     return {"first_wrong": first, "outputs": problems, "s": round(time.time() - t0, 2)}
 
 
+def faulting_launch(exc: BaseException) -> str:
+    """The last kernel launch of prefix_attn/triton/launch.py in the traceback (with CUDA_LAUNCH_BLOCKING=1,
+    the kernel that faulted), e.g. "_prefix_attn_bwd_dkdv_kernel (launch.py:298)"; "" if none."""
+    import re  # noqa: PLC0415
+    import traceback  # noqa: PLC0415
+
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.endswith(os.path.join("triton", "launch.py")):
+            name = re.search(r"(_prefix_attn_\w+_kernel)", frame.line or "")
+            found = f"{name.group(1) if name else frame.name} (launch.py:{frame.lineno})"
+    return found
+
+
+def run_isolated(pid: str, variant: str, timeout: float) -> dict:
+    """run_variant in a fresh process with CUDA_LAUNCH_BLOCKING=1: a fault loses that process's CUDA context
+    only, and the traceback names the kernel that faulted."""
+    import subprocess  # noqa: PLC0415
+
+    t0 = time.time()
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    try:
+        run = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", pid, "--variant", variant],
+                             capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"first_wrong": "timeout", "outputs": {}, "s": round(time.time() - t0, 2)}
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    return {"first_wrong": "crash", "outputs": {"crash": (run.stdout + run.stderr)[-600:]},
+            "s": round(time.time() - t0, 2)}
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU triage, {report['device']}", "", f"torch {report['torch']}, triton {report['triton']}", "",
              "| case | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
     for case_id, result in report["cases"].items():
-        cells = [result.get(v, {}).get("first_wrong") or ("ok" if v in result else "-") for v in VARIANTS]
+        cells = [(result.get(v, {}).get("first_wrong") or ("ok" if v in result else "-"))
+                 + (f" in {result[v]['kernel']}" if result.get(v, {}).get("kernel") else "") for v in VARIANTS]
         lines.append(f"| {case_id} | " + " | ".join(cells) + " |")
     lines += ["", "First wrong output per variant (ok: all six within bound; -: not run)."]
     if report["other"]:
@@ -156,7 +190,11 @@ def main(argv=None) -> int:
         for variant in VARIANTS:
             if time.time() - t0 > args.time_budget:
                 break
-            report["cases"][pid][variant] = result = run_variant(case, dtype, seed, variant, args.device)
+            if args.device == "cuda":  # each rerun in its own process: a fault must not poison the next
+                result = run_isolated(pid, variant, max(10.0, args.time_budget - (time.time() - t0)))
+            else:
+                result = run_variant(case, dtype, seed, variant, args.device)
+            report["cases"][pid][variant] = result
             print(f"{pid} {variant}: first wrong {result['first_wrong']} ({result['s']} s)", flush=True)
             with open(os.path.join(args.out, "triage.json"), "w") as f:
                 json.dump(report, f, indent=1)

@@ -135,3 +135,31 @@ def test_decode_benchmark_runs_on_the_cpu(tmp_path):
     written = json.loads(next(tmp_path.glob("decode_*.json")).read_text())
     assert len(written["rows"]) == 4 and written["meta"]["git_commit"]
     assert "| tiny | 3 | 64 | prefix_attn |" in next(tmp_path.glob("decode_*.md")).read_text()
+
+
+FAULTY = '''
+def test_a_fault():
+    raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+def test_b_after():
+    print("RAN AFTER THE FAULT")
+'''
+
+
+@pytest.mark.parametrize("xdist_worker", [False, True])
+def test_a_cuda_fault_ends_its_process(tmp_path, xdist_worker):
+    """After an illegal address the CUDA context is lost: the faulting test ends the process (a worker of
+    pytest-xdist is replaced; alone, the run stops naming it) instead of failing every later test."""
+    (tmp_path / "conftest.py").write_text("from cuda_faults import pytest_runtest_logfinish, "
+                                          "pytest_runtest_makereport  # noqa\n")
+    (tmp_path / "test_faulty.py").write_text(FAULTY)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    if xdist_worker:
+        env["PYTEST_XDIST_WORKER"] = "gw0"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    out = run.stdout + run.stderr
+    assert "RAN AFTER THE FAULT" not in out, out
+    assert "CUDA context lost in test_faulty.py::test_a_fault" in out, out
+    assert run.returncode == (3 if xdist_worker else 1), out

@@ -5,6 +5,7 @@ run the tiles a GPU compiles (128-row forward tiles, 32 x 128 dK/dV tiles at D =
 so the unmasked fast paths, the diagonal blocks and the ragged tails of the real shapes are checked on the CPU.
 """
 
+import contextlib
 import json
 import os
 import types
@@ -12,6 +13,7 @@ import zlib
 
 import pytest
 import torch
+from oob import bounds_checked
 from prefix_grid import Case, check_case
 
 import prefix_attn
@@ -53,14 +55,18 @@ TILE_CASES = [
     (Case(2, 2, 1, 130, 130, 40, 128, entries=2, ids="distinct"), torch.bfloat16),
     (Case(1, 1, 2, 150, 200, 70, 64, masked=True, dropout=0.2), torch.float16),  # dropout
     (Case(2, 1, 1, 70, 97, 17, 40, entries=3, lengths=True, dropout=0.4), torch.float32),
+    (Case(1, 1, 3, 150, 150, 113, 96, causal=False), torch.float16),  # D = 96, full, GQA 3 in 16 bits
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("case,dtype", TILE_CASES, ids=[f"{c}-{str(d)[6:]}" for c, d in TILE_CASES])
 def test_gpu_tile_shapes(gpu_tiles, case, dtype):
+    """Exact with the GPU tiles; under the interpreter every load and store also stays inside its tensors (a
+    stray address there reads host memory silently where a GPU faults)."""
     assert tuning.default("fwd", dtype, case.head_dim) != tuning._INTERPRETER_BLOCKS  # the GPU table
-    check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
+    with bounds_checked() if INTERPRET else contextlib.nullcontext():
+        check_case(triton_op, case, dtype, device=DEVICE, seed=zlib.crc32(str(case).encode()) % 1000)
 
 
 @needs_triton
@@ -166,3 +172,24 @@ def test_empty_batch(backend):
     assert torch.equal(pk.grad, torch.zeros_like(pk)) and torch.equal(pv.grad, torch.zeros_like(pv))
     ref = prefix_attention_reference(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach())
     assert ref.shape == out.shape
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the bounds check is an interpreter tool")
+def test_bounds_check_catches_a_stray_access():
+    import triton
+    import triton.language as tl
+    from oob import OutOfBounds
+
+    @triton.jit
+    def copy(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
+
+    x, y = torch.randn(40), torch.empty(40)
+    with bounds_checked() as log:
+        copy[(1,)](x, y, 40, BLOCK=64)  # masked to the 40 elements: fine
+    assert log.accesses == 2 and torch.equal(x, y)
+    with pytest.raises(Exception) as info, bounds_checked():
+        copy[(1,)](x, y, 41, BLOCK=64)  # one element past x
+    assert isinstance(info.value, OutOfBounds) or "OutOfBounds" in str(info.value)
+    assert "1 of 41 active lanes" in str(info.value)

@@ -41,8 +41,7 @@ def _ranges(fn, args_hst, kwargs_hst):
 
 
 def _check(log: _Log, ptrs, mask, itemsize: int, what: str):
-    addr = np.asarray(ptrs.data, dtype=np.uint64)
-    active = addr if mask is None else addr[np.asarray(mask.data, dtype=bool)]
+    active = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)]  # unmasked loads: all ones
     log.accesses += 1
     if active.size == 0:
         return

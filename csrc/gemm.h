@@ -1,5 +1,6 @@
 // Tile products of the CPU kernel: row-major C = alpha * op(A) op(B) + beta * C through the BLAS inside
-// libtorch_cpu (see gemm() below).
+// libtorch_cpu (see gemm() below); for 16-bit operands, its bfloat16/float16 GEMM with float32 accumulation
+// (gemm16(), on the AMX tiles where the CPU has them).
 #pragma once
 
 #include <torch/extension.h>
@@ -29,9 +30,14 @@ using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
 using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
                           const double*, const int*, const double*, const int*, const double*, double*, const int*);
 
+// MKL's row-major CBLAS cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32: 16-bit A and B, float C
+using gemm16_fn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const void* a,
+                           int lda, const void* b, int ldb, float beta, float* c, int ldc);
+
 struct Blas {
   sgemm_fn sgemm = nullptr;
   dgemm_fn dgemm = nullptr;
+  gemm16_fn bf16 = nullptr, f16 = nullptr;
   bool use = false;
 };
 
@@ -47,6 +53,8 @@ inline Blas find_blas() {
   if (handle != nullptr) {
     blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(handle, "sgemm_"));
     blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(handle, "dgemm_"));
+    blas.bf16 = reinterpret_cast<gemm16_fn>(dlsym(handle, "cblas_gemm_bf16bf16f32"));
+    blas.f16 = reinterpret_cast<gemm16_fn>(dlsym(handle, "cblas_gemm_f16f16f32"));
   }
 #endif
   blas.use = blas.sgemm != nullptr && blas.dgemm != nullptr;
@@ -145,6 +153,67 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     if (alpha != T(1)) c.mul_(alpha);
   } else {
     c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// ---- 16-bit tile products ----
+//
+// 16-bit inputs are computed either in float32 (their rows converted, the products in sgemm) or with 16-bit
+// products: Q, K, V, dO read in place, the probabilities and dS rounded to the input's type before the products
+// that take them (as flash-attention does), float32 accumulation and softmax. The second is the faster where the
+// CPU multiplies 16-bit tiles natively (AMX: 3-4x sgemm on the kernel's tiles), the first elsewhere (MKL then
+// emulates). "auto" picks by the CPU: bfloat16 products with AMX-BF16, float16 products with AMX-FP16.
+enum class Products16 { kAuto, kFloat32, k16Bit };
+
+inline Products16& products16_mode() {
+  static Products16 mode = Products16::kAuto;
+  return mode;
+}
+
+bool cpu_has_amx(bool fp16);  // defined in tile_ops.cpp
+
+template <typename TI>
+bool products16_available() {
+  return (std::is_same<TI, c10::BFloat16>::value ? blas().bf16 : blas().f16) != nullptr;
+}
+
+// whether inputs of type TI take 16-bit products now
+template <typename TI>
+bool use_products16() {
+  if (!products16_available<TI>()) return false;
+  switch (products16_mode()) {
+    case Products16::kFloat32: return false;
+    case Products16::k16Bit: return true;
+    default: {
+      static const bool amx = cpu_has_amx(std::is_same<TI, c10::Half>::value);
+      return amx;
+    }
+  }
+}
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C, A and B 16-bit, C float (products16_available()).
+template <typename TM>
+void gemm16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const TM* A, int64_t lda,
+            const TM* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  static_assert(std::is_same<TM, c10::BFloat16>::value || std::is_same<TM, c10::Half>::value, "16-bit operands");
+  if (M == 0 || N == 0) return;
+  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX &&
+                  ldc < INT32_MAX, "prefix_attn cpu: a tile product too large for a 32-bit BLAS");
+  const gemm16_fn fn = std::is_same<TM, c10::BFloat16>::value ? blas().bf16 : blas().f16;
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enums
+  fn(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, static_cast<int>(M), static_cast<int>(N),
+     static_cast<int>(K), alpha, A, static_cast<int>(std::max<int64_t>(lda, 1)), B,
+     static_cast<int>(std::max<int64_t>(ldb, 1)), beta, C, static_cast<int>(std::max<int64_t>(ldc, 1)));
+}
+
+// The kernel's tile product: operands of type TM (the compute type T, or the 16-bit input type), C in T.
+template <typename T, typename TM>
+PREFIX_ATTN_INLINE void tile_mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const TM* A,
+                                int64_t lda, const TM* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same<T, TM>::value) {
+    gemm<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm16<TM>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }
 

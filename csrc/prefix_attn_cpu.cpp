@@ -43,83 +43,6 @@
 
 namespace prefix_attn {
 
-// ---- multiversioned row operations (declared in rowops.h) ----
-
-PREFIX_ATTN_CLONES void fwd_rows(float* S, int64_t rows, int64_t n, float scale, const float* col_bias,
-                                 int64_t lim0, float* m, float* l, float* acc, int64_t dim) {
-  fwd_rows_impl<float>(S, rows, n, scale, col_bias, lim0, m, l, acc, dim);
-}
-void fwd_rows(double* S, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0, double* m,
-              double* l, double* acc, int64_t dim) {
-  fwd_rows_impl<double>(S, rows, n, scale, col_bias, lim0, m, l, acc, dim);
-}
-PREFIX_ATTN_CLONES void bwd_rows(float* S, float* dP, int64_t rows, int64_t n, float scale, const float* col_bias,
-                                 int64_t lim0, const float* lse, const float* delta, const float* Z) {
-  bwd_rows_impl<float>(S, dP, rows, n, scale, col_bias, lim0, lse, delta, Z);
-}
-void bwd_rows(double* S, double* dP, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0,
-              const double* lse, const double* delta, const double* Z) {
-  bwd_rows_impl<double>(S, dP, rows, n, scale, col_bias, lim0, lse, delta, Z);
-}
-PREFIX_ATTN_CLONES void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows,
-                                 int64_t dim, float* res) {
-  row_dots_impl<float>(a, lda, b, ldb, rows, dim, res);
-}
-void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim,
-              double* res) {
-  row_dots_impl<double>(a, lda, b, ldb, rows, dim, res);
-}
-PREFIX_ATTN_CLONES void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h,
-                                     int64_t row0, int64_t col0, uint32_t* rnd, bool multiply) {
-  dropout_tile_impl<float>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
-}
-void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
-                  int64_t col0, uint32_t* rnd, bool multiply) {
-  dropout_tile_impl<double>(z, rows, n, dr, b, h, row0, col0, rnd, multiply);
-}
-
-// ---- multiversioned small tile products (declared in gemm.h) ----
-
-PREFIX_ATTN_CLONES void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  small_gemm_impl<float>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-                const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  small_gemm_impl<double>(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-// ---- 16-bit <-> float rows (declared in stage.h) ----
-
-PREFIX_ATTN_CLONES void to_float(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst,
-                                 int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {  // bfloat16 is the high half of a float: a shift, exact
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src + r * ld_src);
-    uint32_t* o = reinterpret_cast<uint32_t*>(dst + r * ld_dst);
-#pragma omp simd
-    for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<uint32_t>(s[c]) << 16;
-  }
-}
-PREFIX_ATTN_CLONES void to_float(const c10::Half* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst,
-                                 int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const c10::Half* s = src + r * ld_src;
-    float* o = dst + r * ld_dst;
-    for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<float>(s[c]);
-  }
-}
-// round to nearest even, as Tensor.to()
-void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::BFloat16* dst, int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < dim; ++c) dst[r * ld_dst + c] = c10::BFloat16(src[r * ld_src + c]);
-  }
-}
-void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::Half* dst, int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < dim; ++c) dst[r * ld_dst + c] = c10::Half(src[r * ld_src + c]);
-  }
-}
-
 namespace {
 
 // Tile sizes. Forward: query blocks of kFwdBlockQ rows (small, so that little work is wasted on the causal
@@ -130,10 +53,26 @@ constexpr int64_t kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 512;
 constexpr int64_t kBwdBlockK = 64;
 
+// 16-bit products take the probabilities and dS rounded to the operand type TM (gemm.h)
+template <typename T, typename TM>
+constexpr bool kRounds = !std::is_same<T, TM>::value;
+
+// x[0 .. count) as an operand of type TM: itself, or rounded into buf
+template <typename T, typename TM>
+const TM* operand(const T* x, int64_t count, TM* buf) {
+  if constexpr (kRounds<T, TM>) {
+    from_float(x, count, 1, count, buf, count);
+    return buf;
+  } else {
+    return x;
+  }
+}
+
 // ---- forward ----
 
-// T: compute type (float or double); TI: the inputs' and out's type (T, or a 16-bit type computed in float)
-template <typename T, typename TI>
+// T: compute type (float or double); TI: the inputs' and out's type (T, or a 16-bit type computed in float);
+// TM: the tile products' operand type (T, or TI for 16-bit products: gemm.h)
+template <typename T, typename TI, typename TM>
 void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
                             const at::Tensor& pv, const MaskInfo& mask, const Bank& bank, const Seqs& seqs,
                             const Dropout& drop, const Dims& d, bool causal, double scale, double softcap,
@@ -151,7 +90,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
     at::NoGradGuard no_grad;
     std::vector<T> s_buf(block_q * block_k), acc(block_q * D), m(block_q), l(block_q);
     std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);  // dropout scratch
-    RowSource<T, TI> qs(Q, d.len_q, D), ks(K, d.len_k, D), vs(V, d.len_k, D), pks(PK, d.num_prefix, D),
+    std::vector<TM> p_op(kRounds<T, TM> ? block_q * block_k : 0);  // P rounded to TM
+    RowSource<TM, TI> qs(Q, d.len_q, D), ks(K, d.len_k, D), vs(V, d.len_k, D), pks(PK, d.num_prefix, D),
         pvs(PV, d.num_prefix, D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb;
@@ -163,28 +103,28 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       if (q0 >= len_q) continue;  // a packed sequence shorter than the longest
       const int64_t bq = std::min(block_q, len_q - q0);
       int64_t ldq, ldk, ldv;
-      const T* q_tile = qs.rows(b, hq, q0, q0 + bq, &ldq);
+      const TM* q_tile = qs.rows(b, hq, q0, q0 + bq, &ldq);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
 
       // S = Q K^T; online softmax (l sums the probabilities before dropout); acc += dropout(P) V.
       // col0: the block's first column in the dropout numbering (prefix slots, then num_prefix + text key)
-      auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, int64_t n, const T* col_bias,
+      auto block = [&](const TM* k_tile, int64_t ldk, const TM* v_tile, int64_t ldv, int64_t n, const T* col_bias,
                        int64_t lim0, int64_t col0) {
         T* S = s_buf.data();
-        gemm<T>(false, true, bq, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
+        tile_mm(false, true, bq, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
         if (cap > T(0)) softcap_tile<T>(S, bq * n, sc, cap, nullptr);
         fwd_rows(S, bq, n, sc, col_bias, lim0, m.data(), l.data(), acc.data(), D);
         if (drop.on) dropout_tile(S, bq, n, drop, b, hq, q0, col0, rnd.data(), /*multiply=*/true);
-        gemm<T>(false, false, bq, D, n, T(1), S, n, v_tile, ldv, T(1), acc.data(), D);
+        tile_mm(false, false, bq, D, n, T(1), operand(S, bq * n, p_op.data()), n, v_tile, ldv, T(1), acc.data(), D);
       };
 
       const int64_t e = bank.entry(b), np = bank.slots(b);
       for (int64_t p0 = 0; p0 < np; p0 += block_k) {
         const int64_t n = std::min(block_k, np - p0);
-        const T* k_tile = pks.rows(e, hkv, p0, p0 + n, &ldk);
-        const T* v_tile = pvs.rows(e, hkv, p0, p0 + n, &ldv);
+        const TM* k_tile = pks.rows(e, hkv, p0, p0 + n, &ldk);
+        const TM* v_tile = pvs.rows(e, hkv, p0, p0 + n, &ldv);
         block(k_tile, ldk, v_tile, ldv, n, nullptr, n, p0);
       }
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
@@ -193,8 +133,8 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
         const int64_t n = std::min(block_k, k_end - k0);
         if (mask.present && mask.block_empty(b, k0, n)) continue;
         const int64_t lim0 = causal ? offset + q0 + 1 - k0 : n;
-        const T* k_tile = ks.rows(b, hkv, k0, k0 + n, &ldk);
-        const T* v_tile = vs.rows(b, hkv, k0, k0 + n, &ldv);
+        const TM* k_tile = ks.rows(b, hkv, k0, k0 + n, &ldk);
+        const TM* v_tile = vs.rows(b, hkv, k0, k0 + n, &ldv);
         block(k_tile, ldk, v_tile, ldv, n,
               mask.present ? bias_ptr + b * d.len_k + k0 : nullptr, lim0, d.num_prefix + k0);
       }
@@ -218,7 +158,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 
 // ---- backward ----
 
-template <typename T, typename TI>
+template <typename T, typename TI, typename TM>
 void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse,
                             const MaskInfo& mask, const Bank& bank, const Seqs& seqs, const Dropout& drop,
@@ -249,7 +189,8 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
     std::vector<T> cap_grad(cap > T(0) ? block_q * block_k : 0);  // 1 - tanh^2 of the capped scores
     std::vector<T> z_buf(drop.on ? block_q * block_k : 0);         // dropout: 0 or 1 / (1 - p) per score
     std::vector<uint32_t> rnd(drop.on ? 4 * block_k : 0);
-    RowSource<T, TI> qs(Q, d.len_q, D), dos(dO, d.len_q, D), os(O, d.len_q, D), ks(K, d.len_k, D),
+    std::vector<TM> p_op(kRounds<T, TM> ? block_q * block_k : 0), ds_op(p_op.size());  // P and dS rounded to TM
+    RowSource<TM, TI> qs(Q, d.len_q, D), dos(dO, d.len_q, D), os(O, d.len_q, D), ks(K, d.len_k, D),
         vs(V, d.len_k, D), pks(PK, d.num_prefix, D), pvs(PV, d.num_prefix, D);
     RowSink<T, TI> dq_sink(d.len_q, D), dk_sink(d.len_k, D), dv_sink(d.len_k, D);
     for (int64_t task = begin; task < end; ++task) {
@@ -266,16 +207,16 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
       const int64_t e = bank.entry(b), np = bank.slots(b);
       const int64_t k_begin = mask.present ? mask.first[b] : 0;
       int64_t ldpk = 0, ldpv = 0, ldk = 0, ldv = 0;
-      const T* pk_rows = do_prefix ? pks.rows(e, hkv, 0, np, &ldpk) : nullptr;  // row p at pk_rows + p * ldpk
-      const T* pv_rows = do_prefix ? pvs.rows(e, hkv, 0, np, &ldpv) : nullptr;
-      const T* k_rows = do_text ? ks.rows(b, hkv, k_begin, len_k, &ldk) - k_begin * ldk : nullptr;  // row j at
-      const T* v_rows = do_text ? vs.rows(b, hkv, k_begin, len_k, &ldv) - k_begin * ldv : nullptr;  // + j * ld
+      const TM* pk_rows = do_prefix ? pks.rows(e, hkv, 0, np, &ldpk) : nullptr;  // row p at pk_rows + p * ldpk
+      const TM* pv_rows = do_prefix ? pvs.rows(e, hkv, 0, np, &ldpv) : nullptr;
+      const TM* k_rows = do_text ? ks.rows(b, hkv, k_begin, len_k, &ldk) - k_begin * ldk : nullptr;  // row j at
+      const TM* v_rows = do_text ? vs.rows(b, hkv, k_begin, len_k, &ldv) - k_begin * ldv : nullptr;  // + j * ld
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t hq = hkv * d.group + g;
         int64_t ldq, lddo, ldo;
-        const T* q_h = qs.rows(b, hq, 0, len_q, &ldq);
-        const T* do_h = dos.rows(b, hq, 0, len_q, &lddo);
-        const T* o_h = os.rows(b, hq, 0, len_q, &ldo);
+        const TM* q_h = qs.rows(b, hq, 0, len_q, &ldq);
+        const TM* do_h = dos.rows(b, hq, 0, len_q, &lddo);
+        const TM* o_h = os.rows(b, hq, 0, len_q, &ldo);
         row_dots(do_h, lddo, o_h, ldo, len_q, D, delta.data());
         const T* lse_h = lse_ptr + seqs.lse_row(b, hq, d.heads_q);
         T* dq_h = do_dq ? dq_sink.begin(DQ.mut(b, hq, 0), len_q, DQ.st, &lddq) : nullptr;
@@ -285,15 +226,15 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
         // dV sum over up to block_q rows in one call, dQ takes the whole block of keys.
         // With dropout (mask Z, scaled): dV = (P * Z)^T dO and dS = P * (Z * dP - delta), delta = rowsum(dO * O).
         // dk_tile / dv_tile: rows ldc_dk / ldc_dv apart (the prefix partials: D; the text gradients: their sinks')
-        auto block = [&](const T* k_tile, int64_t ldk, const T* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
+        auto block = [&](const TM* k_tile, int64_t ldk, const TM* v_tile, int64_t ldv, T* dk_tile, T* dv_tile,
                          int64_t ldc_dk, int64_t ldc_dv, int64_t n, const T* col_bias, int64_t r0, int64_t m,
                          int64_t lim0, int64_t col0) {
           T* S = s_buf.data();
           T* dS = dp_buf.data();
-          const T* q_tile = q_h + r0 * ldq;
-          const T* do_tile = do_h + r0 * lddo;
-          gemm<T>(false, true, m, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
-          gemm<T>(false, true, m, n, D, T(1), do_tile, lddo, v_tile, ldv, T(0), dS, n);
+          const TM* q_tile = q_h + r0 * ldq;
+          const TM* do_tile = do_h + r0 * lddo;
+          tile_mm(false, true, m, n, D, T(1), q_tile, ldq, k_tile, ldk, T(0), S, n);
+          tile_mm(false, true, m, n, D, T(1), do_tile, lddo, v_tile, ldv, T(0), dS, n);
           if (cap > T(0)) softcap_tile<T>(S, m * n, sc, cap, cap_grad.data());
           if (drop.on) dropout_tile(z_buf.data(), m, n, drop, b, hq, r0, col0, rnd.data(), /*multiply=*/false);
           bwd_rows(S, dS, m, n, sc, col_bias, lim0, lse_h + r0, delta.data() + r0, drop.on ? z_buf.data() : nullptr);
@@ -301,9 +242,11 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
             const T* g = cap_grad.data();
             for (int64_t i = 0; i < m * n; ++i) dS[i] *= g[i];
           }
-          if (dv_tile) gemm<T>(true, false, n, D, m, T(1), S, n, do_tile, lddo, T(1), dv_tile, ldc_dv);
-          if (dk_tile) gemm<T>(true, false, n, D, m, sc, dS, n, q_tile, ldq, T(1), dk_tile, ldc_dk);
-          if (dq_h) gemm<T>(false, false, m, D, n, sc, dS, n, k_tile, ldk, T(1), dq_h + r0 * lddq, lddq);
+          const TM* P_op = dv_tile ? operand(S, m * n, p_op.data()) : nullptr;
+          const TM* dS_op = dk_tile || dq_h ? operand(dS, m * n, ds_op.data()) : nullptr;
+          if (dv_tile) tile_mm(true, false, n, D, m, T(1), P_op, n, do_tile, lddo, T(1), dv_tile, ldc_dv);
+          if (dk_tile) tile_mm(true, false, n, D, m, sc, dS_op, n, q_tile, ldq, T(1), dk_tile, ldc_dk);
+          if (dq_h) tile_mm(false, false, m, D, n, sc, dS_op, n, k_tile, ldk, T(1), dq_h + r0 * lddq, lddq);
         };
 
         if (do_prefix) {  // the partial's slots past np stay zero
@@ -341,6 +284,18 @@ void prefix_attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const a
   });
 }
 
+// fn(TM()) with the operand type of the tile products: TI for 16-bit inputs that take 16-bit products, else T
+template <typename T, typename TI, typename Fn>
+void with_operands(Fn&& fn) {
+  if constexpr (!std::is_same<T, TI>::value) {
+    if (use_products16<TI>()) {
+      fn(TI());
+      return;
+    }
+  }
+  fn(T());
+}
+
 // ---- launchers bound to Python ----
 
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -373,8 +328,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     dispatch(st, [&](auto compute, auto input) {
       using T = decltype(compute);
       using TI = decltype(input);
-      prefix_attn_fwd_kernel<T, TI>(qc, kc, vc, pkc, pvc, mask, bank, lay.seqs, drop, d, causal, softmax_scale,
-                                    softcap, out4, lse, block_q, block_k);
+      with_operands<T, TI>([&](auto operand_type) {
+        prefix_attn_fwd_kernel<T, TI, decltype(operand_type)>(qc, kc, vc, pkc, pvc, mask, bank, lay.seqs, drop, d,
+                                                              causal, softmax_scale, softcap, out4, lse, block_q,
+                                                              block_k);
+      });
     });
   }
   return {out, lse};
@@ -443,9 +401,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     dispatch(st, [&](auto compute, auto input) {
       using T = decltype(compute);
       using TI = decltype(input);
-      prefix_attn_bwd_kernel<T, TI>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank, lay.seqs, drop, d, causal,
-                                    softmax_scale, softcap, need_dq, need_dkv, need_dprefix, dq4, dk4, dv4, dpk_part,
-                                    dpv_part, block_q, block_k);
+      with_operands<T, TI>([&](auto operand_type) {
+        prefix_attn_bwd_kernel<T, TI, decltype(operand_type)>(doc, qc, kc, vc, pkc, pvc, oc, lsec, mask, bank,
+                                                              lay.seqs, drop, d, causal, softmax_scale, softcap,
+                                                              need_dq, need_dkv, need_dprefix, dq4, dk4, dv4,
+                                                              dpk_part, dpv_part, block_q, block_k);
+      });
     });
   }
   at::Tensor dpk, dpv;
@@ -489,6 +450,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         b.use = name == "blas";
       },
       "choose 'blas' or 'aten' for the tile products (for tests; not thread-safe against running kernels)");
+  m.def(
+      "tile_products",
+      [](const std::string& dtype) {
+        TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "dtype must be 'bfloat16' or 'float16', got '", dtype,
+                    "'");
+        const bool low = dtype == "bfloat16" ? prefix_attn::use_products16<c10::BFloat16>()
+                                             : prefix_attn::use_products16<c10::Half>();
+        return std::string(low ? dtype : "float32");
+      },
+      "the operand type of the tile products for inputs of this 16-bit dtype: the dtype itself (16-bit products "
+      "with float32 accumulation) or 'float32' (rows converted)");
+  m.def(
+      "set_tile_products",
+      [](const std::string& mode) {
+        using prefix_attn::Products16;
+        TORCH_CHECK(mode == "auto" || mode == "float32" || mode == "16-bit",
+                    "tile products must be 'auto', 'float32' or '16-bit', got '", mode, "'");
+        TORCH_CHECK(mode != "16-bit" || (prefix_attn::products16_available<c10::BFloat16>() &&
+                                         prefix_attn::products16_available<c10::Half>()),
+                    "no cblas_gemm_bf16bf16f32/cblas_gemm_f16f16f32 found in libtorch_cpu");
+        prefix_attn::products16_mode() =
+            mode == "auto" ? Products16::kAuto : (mode == "float32" ? Products16::kFloat32 : Products16::k16Bit);
+      },
+      "16-bit inputs: 'auto' (16-bit products where the CPU has matrix units for the dtype: AMX-BF16, AMX-FP16), "
+      "'float32' or '16-bit' (for tests and benchmarks; not thread-safe against running kernels)");
   m.def(
       "philox_isa", []() { return prefix_attn::philox_isa(); },
       "which Philox implementation the dropout mask uses: 'avx512', 'avx2' or 'scalar'");

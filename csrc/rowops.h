@@ -322,5 +322,9 @@ void dropout_tile(float* z, int64_t rows, int64_t n, const Dropout& dr, int64_t 
 void dropout_tile(double* z, int64_t rows, int64_t n, const Dropout& dr, int64_t b, int64_t h, int64_t row0,
                   int64_t col0, uint32_t* rnd, bool multiply);
 void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t rows, int64_t dim, double* res);
+void row_dots(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb, int64_t rows, int64_t dim,
+              float* res);
+void row_dots(const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, int64_t rows, int64_t dim,
+              float* res);
 
 }  // namespace prefix_attn

@@ -7,6 +7,7 @@ about the C++ code), unless ``PREFIX_ATTN_ALLOW_NO_CPU_EXT=1`` is set, which ski
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -187,9 +188,14 @@ def test_strided_inputs_and_shared_prefix(ext):
 @pytest.mark.parametrize("case", [GRID[4], GRID[12], BANK_GRID[2], DROPOUT_GRID[0],
                                   Case(1, 1, 2, 40, 600, 520, 300, masked=True)], ids=str)
 def test_16bit_is_float32_rounded(ext, case, blocks, dtype):
-    """16-bit inputs are computed in float32 from per-thread float copies of the rows (stage.h): the outputs and
-    all five gradients equal, bitwise, the float32 kernel run on the upcast inputs and rounded to the dtype.
-    Small blocks make every task convert and extend its cached rows many times."""
+    """With float32 tile products, 16-bit inputs are computed in float32 from per-thread float copies of the rows
+    (stage.h): the outputs and all five gradients equal, bitwise, the float32 kernel run on the upcast inputs and
+    rounded to the dtype. Small blocks make every task convert and extend its cached rows many times."""
+    with tile_products(ext, "float32"):
+        _check_float32_rounded(ext, case, blocks, dtype)
+
+
+def _check_float32_rounded(ext, case, blocks, dtype):
     from prefix_grid import dropout_seed_of, make_bank_args
 
     q, k, v, pk, pv, mask, dout = make_inputs(case, dtype)
@@ -209,6 +215,60 @@ def test_16bit_is_float32_rounded(ext, case, blocks, dtype):
     g32 = ext.bwd(dout.float(), *as32, mask, out16.float(), lse16, case.causal, scale, cap, **bkw)
     for name, a, b in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], g16, g32):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
+
+
+@contextlib.contextmanager
+def tile_products(ext, mode):
+    ext.set_tile_products(mode)
+    try:
+        yield
+    finally:
+        ext.set_tile_products("auto")
+
+
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.parametrize("case,dtype", grid_params(GRID + SOFTCAP_GRID + BANK_GRID + DROPOUT_GRID,
+                                                   dtypes=[torch.bfloat16, torch.float16]))
+def test_16bit_products_grid(ext, case, dtype):
+    """16-bit tile products (Q, K, V, dO in place; P and dS rounded to the dtype; float32 accumulation), forced on
+    whatever the CPU: the float64 grid under the 16-bit rule, as the float32-products path."""
+    with tile_products(ext, "16-bit"):
+        assert ext.tile_products(str(dtype).split(".")[1]) == str(dtype).split(".")[1]
+        check_case(cpu_fn, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_products_are_deterministic_and_taken(ext, dtype):
+    """Bitwise the same run to run, and not the float32-products results (the 16-bit products did run)."""
+    case = Case(2, 4, 2, 150, 150, 70, 64, masked=True)
+    with tile_products(ext, "16-bit"):
+        out1, g1 = _fwd_bwd(case, dtype)
+        out2, g2 = _fwd_bwd(case, dtype)
+    with tile_products(ext, "float32"):
+        out3, g3 = _fwd_bwd(case, dtype)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(out1, out3)
+    assert all(not torch.equal(a, b) for a, b in zip(g1, g3))
+
+
+def test_16bit_products_default_follows_the_cpu(ext):
+    """'auto': bfloat16 products on a CPU with AMX-BF16, float16 products with AMX-FP16, float32 otherwise."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want_bf16 = {"amx_tile", "amx_bf16"} <= flags
+    want_f16 = {"amx_tile", "amx_fp16"} <= flags
+    assert ext.tile_products("bfloat16") == ("bfloat16" if want_bf16 else "float32")
+    assert ext.tile_products("float16") == ("float16" if want_f16 else "float32")
+    with pytest.raises(RuntimeError, match="'auto', 'float32' or '16-bit'"):
+        ext.set_tile_products("amx")
 
 
 def test_16bit_strided_inputs(ext):

@@ -1,7 +1,7 @@
 // Row-wise softmax pieces of the CPU kernel, one fused pass over a score tile each.
 //
 // The matrix products run in ATen's CPU BLAS (MKL / oneDNN); what remains per score element is an
-// exp, a max, a sum and a few multiplies. The float passes are written on 8-lane vectors (below) and
+// exp, a max, a sum and a few multiplies. The float passes are written on 16-lane vectors (below) and
 // compiled three times (x86-64 baseline, AVX2+FMA, AVX-512) with GCC/Clang function multiversioning:
 // the loader picks the widest the CPU supports, so the binary is not tied to the build machine's -march.
 #pragma once
@@ -21,7 +21,7 @@ namespace prefix_attn {
 // minus their running max or their log-sum-exp).
 //
 // exp_core: for xc already clamped to [-87.34, 88], exp(xc) = y * 2^n; returns y and sets n (an integer value).
-// V is float or the 8-lane vf8 below: the same operations in the same order, so both give the same bits.
+// V is float or the kLanes-lane vfl below: the same operations in the same order, so both give the same bits.
 template <typename V>
 PREFIX_ATTN_INLINE V exp_core(V xc, V& n) {
   const V t = xc * 1.44269504088896341f;
@@ -51,65 +51,75 @@ PREFIX_ATTN_INLINE float exp_approx(float x) {
 
 PREFIX_ATTN_INLINE double exp_approx(double x) { return std::exp(x); }
 
-// ---- 8-lane float vectors (GCC/Clang vector extensions) ----
+// ---- kLanes-float vectors (GCC/Clang vector extensions) ----
 //
-// The float row passes are written on 8-float vectors rather than left to the auto-vectoriser: GCC does not
+// The float row passes are written on 16-float vectors rather than left to the auto-vectoriser: GCC does not
 // if-convert the exp polynomial inside these loops in every build (with torch's headers and flags it emitted
 // a scalar loop with a branch per element, half of the kernel time on an AMD EPYC). Vector extensions lower to
-// SSE in the default clone, AVX2 in x86-64-v3 and AVX-512VL in x86-64-v4. Row tails are padded through a
-// small stack buffer, so every element goes through the same arithmetic.
+// SSE in the default clone, AVX2 in x86-64-v3 and AVX-512 in x86-64-v4 (16 lanes: one zmm register). Row
+// tails are padded through a small stack buffer, so every element goes through the same arithmetic.
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFIX_ATTN_VEC8 1
+#ifndef PREFIX_ATTN_LANES
+#define PREFIX_ATTN_LANES 16
+#endif
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // always-inlined helpers: no 32-byte vectors cross a real call
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = PREFIX_ATTN_LANES;
+typedef float vfl __attribute__((vector_size(4 * PREFIX_ATTN_LANES)));
+typedef int32_t vil __attribute__((vector_size(4 * PREFIX_ATTN_LANES)));
 
-PREFIX_ATTN_INLINE vf8 vf8_set(float x) { return vf8{x, x, x, x, x, x, x, x}; }
-// load `count` (<= 8) floats from p, the rest of the lanes `fill`
-PREFIX_ATTN_INLINE vf8 vf8_load(const float* p, int64_t count, float fill) {
-  if (count >= 8) {
-    vf8 v;
+PREFIX_ATTN_INLINE vfl vfl_set(float x) { return vfl{} + x; }
+// load `count` (<= kLanes) floats from p, the rest of the lanes `fill`
+PREFIX_ATTN_INLINE vfl vfl_load(const float* p, int64_t count, float fill) {
+  vfl v;
+  if (count >= kLanes) {
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
-  float buf[8] = {fill, fill, fill, fill, fill, fill, fill, fill};
+  float buf[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) buf[i] = fill;
   std::memcpy(buf, p, static_cast<size_t>(count) * sizeof(float));
-  vf8 v;
   std::memcpy(&v, buf, sizeof(v));
   return v;
 }
-PREFIX_ATTN_INLINE void vf8_store(float* p, vf8 v, int64_t count) {
-  if (count >= 8) {
+PREFIX_ATTN_INLINE void vfl_store(float* p, vfl v, int64_t count) {
+  if (count >= kLanes) {
     std::memcpy(p, &v, sizeof(v));
   } else {
     std::memcpy(p, &v, static_cast<size_t>(count) * sizeof(float));
   }
 }
 // lane-wise mask ? a : b (mask lanes all ones or all zeros, as comparisons give)
-PREFIX_ATTN_INLINE vf8 vf8_select(vi8 mask, vf8 a, vf8 b) {
-  return reinterpret_cast<vf8>((mask & reinterpret_cast<vi8>(a)) | (~mask & reinterpret_cast<vi8>(b)));
+PREFIX_ATTN_INLINE vfl vfl_select(vil mask, vfl a, vfl b) {
+  return reinterpret_cast<vfl>((mask & reinterpret_cast<vil>(a)) | (~mask & reinterpret_cast<vil>(b)));
 }
-PREFIX_ATTN_INLINE float vf8_hmax(vf8 v) {
+PREFIX_ATTN_INLINE float vfl_hmax(vfl v) {
   float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
-PREFIX_ATTN_INLINE float vf8_hsum(vf8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+// a fixed tree: lanes i and i + w added, w = kLanes / 2, ..., 1
+PREFIX_ATTN_INLINE float vfl_hsum(vfl v) {
+  float buf[kLanes];
+  std::memcpy(buf, &v, sizeof(buf));
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) buf[i] += buf[i + w];
+  }
+  return buf[0];
 }
-PREFIX_ATTN_INLINE vf8 vf8_max(vf8 a, vf8 b) { return vf8_select(a > b, a, b); }
+PREFIX_ATTN_INLINE vfl vfl_max(vfl a, vfl b) { return vfl_select(a > b, a, b); }
 
-// exp_approx on 8 lanes
-PREFIX_ATTN_INLINE vf8 exp8(vf8 x) {
-  const vf8 lo = vf8_set(-87.33654f), hi = vf8_set(88.0f);
-  vf8 xc = vf8_select(x < lo, lo, x);
-  xc = vf8_select(xc > hi, hi, xc);
-  vf8 n;
-  const vf8 y = exp_core(xc, n);
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  const vf8 r = y * reinterpret_cast<vf8>(bits);
-  return vf8_select(x < lo, vf8_set(0.0f), r);
+// exp_approx on kLanes lanes
+PREFIX_ATTN_INLINE vfl expl(vfl x) {
+  const vfl lo = vfl_set(-87.33654f), hi = vfl_set(88.0f);
+  vfl xc = vfl_select(x < lo, lo, x);
+  xc = vfl_select(xc > hi, hi, xc);
+  vfl n;
+  const vfl y = exp_core(xc, n);
+  const vil bits = (__builtin_convertvector(n, vil) + 127) << 23;
+  const vfl r = y * reinterpret_cast<vfl>(bits);
+  return vfl_select(x < lo, vfl_set(0.0f), r);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -143,25 +153,25 @@ PREFIX_ATTN_INLINE T fwd_exp_sum(T* s, int64_t lim, T m_new) {
 #ifdef PREFIX_ATTN_VEC8
 PREFIX_ATTN_INLINE float fwd_scale_max(float* s, int64_t lim, float scale, const float* col_bias) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  vf8 mx = vf8_set(neg_inf);
-  for (int64_t c = 0; c < lim; c += 8) {
+  vfl mx = vfl_set(neg_inf);
+  for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    vf8 x = vf8_load(s + c, k, neg_inf) * scale;
-    if (col_bias != nullptr) x += vf8_load(col_bias + c, k, 0.0f);
-    vf8_store(s + c, x, k);
-    mx = vf8_max(mx, x);
+    vfl x = vfl_load(s + c, k, neg_inf) * scale;
+    if (col_bias != nullptr) x += vfl_load(col_bias + c, k, 0.0f);
+    vfl_store(s + c, x, k);
+    mx = vfl_max(mx, x);
   }
-  return vf8_hmax(mx);
+  return vfl_hmax(mx);
 }
 PREFIX_ATTN_INLINE float fwd_exp_sum(float* s, int64_t lim, float m_new) {
-  vf8 sum = vf8_set(0.0f);
-  for (int64_t c = 0; c < lim; c += 8) {
+  vfl sum = vfl_set(0.0f);
+  for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    const vf8 p = exp8(vf8_load(s + c, k, -std::numeric_limits<float>::infinity()) - m_new);
-    vf8_store(s + c, p, k);
+    const vfl p = expl(vfl_load(s + c, k, -std::numeric_limits<float>::infinity()) - m_new);
+    vfl_store(s + c, p, k);
     sum += p;
   }
-  return vf8_hsum(sum);
+  return vfl_hsum(sum);
 }
 #endif
 
@@ -214,19 +224,19 @@ PREFIX_ATTN_INLINE void bwd_row(T* s, T* dp, const T* z, int64_t lim, T scale, c
 PREFIX_ATTN_INLINE void bwd_row(float* s, float* dp, const float* z, int64_t lim, float scale,
                                 const float* col_bias, float lr, float dr) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < lim; c += 8) {
+  for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    vf8 x = vf8_load(s + c, k, neg_inf) * scale - lr;
-    if (col_bias != nullptr) x += vf8_load(col_bias + c, k, 0.0f);
-    const vf8 p = exp8(x);
-    const vf8 d = vf8_load(dp + c, k, 0.0f);
+    vfl x = vfl_load(s + c, k, neg_inf) * scale - lr;
+    if (col_bias != nullptr) x += vfl_load(col_bias + c, k, 0.0f);
+    const vfl p = expl(x);
+    const vfl d = vfl_load(dp + c, k, 0.0f);
     if (z != nullptr) {
-      const vf8 zz = vf8_load(z + c, k, 0.0f);
-      vf8_store(s + c, p * zz, k);
-      vf8_store(dp + c, p * (d * zz - dr), k);
+      const vfl zz = vfl_load(z + c, k, 0.0f);
+      vfl_store(s + c, p * zz, k);
+      vfl_store(dp + c, p * (d * zz - dr), k);
     } else {
-      vf8_store(s + c, p, k);
-      vf8_store(dp + c, p * (d - dr), k);
+      vfl_store(s + c, p, k);
+      vfl_store(dp + c, p * (d - dr), k);
     }
   }
 }

@@ -199,7 +199,9 @@ def main() -> None:
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "kernel": cpu_backend.source(),
-            "gemm": cpu_backend._load()[0].gemm_backend(), "dtype": args.dtype, "pass": "forward + backward",
+            "gemm": cpu_backend._load()[0].gemm_backend(),
+            "tile_products": cpu_backend._load()[0].tile_products(args.dtype) if low else "float32",
+            "dtype": args.dtype, "pass": "forward + backward",
             "load_average_at_start": os.getloadavg(), "command": "python " + " ".join(sys.argv),
             "git_commit": git_commit(),
             "mm_gflops_samples": [mm_rate()]}

@@ -13,9 +13,10 @@ Importing this module compiles nothing. If neither step works, ``is_available()`
 ``prefix_attn.ops`` falls back to the PyTorch reference with one warning.
 
 Shapes and conventions are those of ``prefix_attn/ops.py``; packed inputs (``cu_seqlens_q/k``) go to the same
-kernel, which walks the sequences through a per-row descriptor. float16/bfloat16 inputs are computed in float32
-(the kernel converts q, k, v, the prefix and, in backward, dout and out once, explicitly); float64 runs in
-float64 and then returns its ``lse`` in float64 too.
+kernel, which walks the sequences through a per-row descriptor. float16/bfloat16 inputs run a float32 softmax and
+float32 accumulation, their tile products either in 16-bit (on CPUs with AMX for the dtype) or in float32 on
+per-thread float copies of the rows (docs/cpu.md, "Dtypes"); float64 runs in float64 and then returns its ``lse``
+in float64 too.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ def main() -> None:
         if name == "cpu" and reason == "ok":
             from . import cpu
 
-            reason = f"ok ({cpu.source()})"
+            ext = cpu._load()[0]
+            products = ", ".join(f"{dt} {ext.tile_products(dt)}" for dt in ("bfloat16", "float16"))
+            reason = f"ok ({cpu.source()}; 16-bit tile products: {products})"
         print(f"  backend {name:7s} {reason}")
 
 

@@ -68,7 +68,7 @@ def _lse_shape(q, packed: bool):
 
 
 # The launchers as torch.library custom ops: opaque to torch.compile (no graph break, shapes from the fake
-# implementations below), and the same code path in eager mode.
+# implementations below), and the path of eager training; eager inference calls the launchers directly (apply).
 @torch.library.custom_op("prefix_attn::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
             attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
@@ -178,6 +178,10 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    # eager inference (generate()): the launcher itself, without the custom op's and autograd's dispatch (about
+    # 25 us a call, more than a decode step's kernel at B = 1); torch.compile and training go through both
+    direct = not needs_grad and not torch.compiler.is_compiling()
+    launcher = backends.module(backend).prefix_attn_fwd if direct else None
     if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad) and not (
             prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
         _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
@@ -185,10 +189,19 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
         empty = prefix_k.new_empty(k.shape[1], 0, head_dim)
 
         def attend(q_, k_, v_, causal_, mask_):
+            if direct:
+                return launcher(q_, k_, v_, empty, empty, mask_, causal_, scale, softcap)
             return _fwd_op(q_, k_, v_, empty, empty, mask_, None, None, None, None, 0, 0, causal_, scale, softcap,
                            0.0, None, backend)
 
         return decode.forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal)[0]
+    if direct:
+        _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k)
+        return launcher(q, k, v, prefix_k, prefix_v, mask, causal, scale, softcap, prefix_ids=prefix_ids,
+                        prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k), dropout_p=dropout_p,
+                        dropout_seed=seed)[0]
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                                          cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale, softcap,
                                          dropout_p, seed, backend)

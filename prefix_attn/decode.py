@@ -5,8 +5,10 @@ attention is one product per kv head for all of them: the queries of every row a
 group folded into the M dimension, ``[heads_kv, rows * group * len_q, D] @ [heads_kv, D, P]`` (Hydragen,
 FlashInfer's cascade). The prefix is read once, not once per row. Both parts run through the backend's own kernel
 with an empty prefix: the prefix part as one sequence of ``rows * group * len_q`` queries per kv head against the
-prefix as its keys (no causal mask: every query sees every prefix slot), the text part per row, a GQA group's
-query heads folded into one sequence when the causal mask allows (``len_q == 1``), so a kv head is read once. The
+prefix as its keys (no causal mask: every query sees every prefix slot; a bank: one such sequence per entry in
+use, all of them one call, each entry's slots past its length masked as padding), the text part per row, a GQA
+group's query heads folded into one sequence when the causal mask allows (``len_q == 1``), so a kv head is read
+once. The
 two parts are merged by their log-sum-exp.
 
 Shapes as in ``prefix_attention``. The merged ``lse`` keeps the kernels' convention: ``+inf`` for a query that
@@ -71,12 +73,51 @@ def _text_part(attend, q, k, v, mask, causal: bool):
     return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def _groups(values, device):
-    """[(entry, its rows as an int64 tensor)] for the entries some row chose (one host-to-device copy each)."""
-    rows = {}
-    for b, e in enumerate(values):
-        rows.setdefault(e, []).append(b)
-    return [(e, torch.tensor(r, dtype=torch.long, device=device)) for e, r in sorted(rows.items())]
+class _BankPlan:
+    """The rows of a bank grouped by entry, for one call over every entry in use (built once per ``prefix_ids``
+    tensor, from one host read): ``entries`` [E] the entries some row chose, ``gather`` [E * M] each entry's rows
+    padded to the largest group M (with its first row; the padded queries' results are dropped), ``where`` [B]
+    each row's place in ``gather``, ``all_used`` whether E is the whole bank."""
+
+    def __init__(self, values, num_entries: int, device):
+        rows = {}
+        for b, e in enumerate(values):
+            rows.setdefault(e, []).append(b)
+        entries = sorted(rows)
+        self.size = max(len(r) for r in rows.values())
+        gather, where = [], [0] * len(values)
+        for i, e in enumerate(entries):
+            for j, b in enumerate(rows[e]):
+                where[b] = i * self.size + j
+            gather += rows[e] + [rows[e][0]] * (self.size - len(rows[e]))
+        self.all_used = entries == list(range(num_entries))
+        self.entries = torch.tensor(entries, dtype=torch.long, device=device)
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.where = torch.tensor(where, dtype=torch.long, device=device)
+
+
+def _bank_part(attend, q, bank_k, bank_v, prefix_lengths, plan: _BankPlan):
+    """The queries ``[R, Hq, Lq, D]`` against each row's bank entry ``[N, Hkv, P, D]``: one call, entry ``i`` in use
+    a sequence of keys (its slots past ``prefix_lengths`` masked) for the queries of its rows, padded to the same
+    count, folded per kv head as in ``_prefix_part``."""
+    rows, heads_q, len_q, head_dim = q.shape
+    n_used, heads_kv, slots = plan.entries.numel(), bank_k.shape[1], bank_k.shape[2]
+    qg = q.index_select(0, plan.gather).reshape(n_used, plan.size, heads_kv, -1, len_q, head_dim)
+    qg = qg.transpose(1, 2).reshape(n_used, heads_kv, -1, head_dim)
+    keys, values = (bank_k, bank_v) if plan.all_used else (bank_k.index_select(0, plan.entries),
+                                                           bank_v.index_select(0, plan.entries))
+    mask = None
+    if prefix_lengths is not None:  # compared on the device: no host read
+        lengths = prefix_lengths.to(plan.entries.device).long().index_select(0, plan.entries)
+        mask = torch.arange(slots, device=q.device)[None, :] < lengths[:, None]
+    out, lse = attend(qg, keys, values, False, mask)
+
+    def unfold(x):  # [E, Hkv, M * group * Lq, ...] -> [R, Hq, Lq, ...]
+        tail = x.shape[3:]
+        x = x.reshape(n_used, heads_kv, plan.size, -1, len_q, *tail).transpose(1, 2)
+        return x.reshape(n_used * plan.size, heads_q, len_q, *tail).index_select(0, plan.where)
+
+    return unfold(out), unfold(lse)
 
 
 def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torch.Tensor],
@@ -87,17 +128,9 @@ def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torc
     if prefix_ids is None:
         out_p, lse_p = _prefix_part(attend, q, prefix_k, prefix_v)
     else:
-        out_p = torch.zeros_like(q)
-        lse_p = q.new_full(q.shape[:3], float("inf"), dtype=lse_t.dtype)
-        lengths = None if prefix_lengths is None else checks.host_list(prefix_lengths)
-        groups = checks.memo(prefix_ids, "decode_groups", lambda: _groups(checks.host_list(prefix_ids), q.device))
-        for entry, rows in groups:
-            size = prefix_k.shape[2] if lengths is None else lengths[entry]
-            if size == 0:
-                continue
-            o, s = _prefix_part(attend, q.index_select(0, rows), prefix_k[entry, :, :size], prefix_v[entry, :, :size])
-            out_p.index_copy_(0, rows, o)
-            lse_p.index_copy_(0, rows, s)
+        plan = checks.memo(prefix_ids, "decode_bank_plan",
+                           lambda: _BankPlan(checks.host_list(prefix_ids), prefix_k.shape[0], q.device))
+        out_p, lse_p = _bank_part(attend, q, prefix_k, prefix_v, prefix_lengths, plan)
     # the kernels' lse is +inf for a query that sees no key: -inf here, so that its weight is 0
     lse_p, lse_t = (x.masked_fill(x == float("inf"), float("-inf")) for x in (lse_p, lse_t))
     lse = torch.logaddexp(lse_p, lse_t)

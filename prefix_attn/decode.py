@@ -8,8 +8,7 @@ with an empty prefix: the prefix part as one sequence of ``rows * group * len_q`
 prefix as its keys (no causal mask: every query sees every prefix slot; a bank: one such sequence per entry in
 use, all of them one call, each entry's slots past its length masked as padding), the text part per row, a GQA
 group's query heads folded into one sequence when the causal mask allows (``len_q == 1``), so a kv head is read
-once. The
-two parts are merged by their log-sum-exp.
+once. The two parts are merged by their log-sum-exp.
 
 Shapes as in ``prefix_attention``. The merged ``lse`` keeps the kernels' convention: ``+inf`` for a query that
 sees no key at all.

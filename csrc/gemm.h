@@ -76,7 +76,7 @@ at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool tr
 
 // A few rows of A (a decode step's queries, a GQA group's heads): a BLAS call per tile costs more than the
 // arithmetic, so the product is computed here, in a fixed order (deterministic run to run), each row of B read
-// once for all the rows of A. The float entry point is multiversioned as the row passes (prefix_attn_cpu.cpp).
+// once for all the rows of A. The float entry point is multiversioned as the row passes (tile_ops.cpp).
 constexpr int64_t kSmallM = 8;
 
 template <typename T>
@@ -117,7 +117,7 @@ PREFIX_ATTN_INLINE void small_gemm_impl(bool trans_b, int64_t M, int64_t N, int6
   }
 }
 
-// defined in prefix_attn_cpu.cpp
+// defined in tile_ops.cpp
 void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void small_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,

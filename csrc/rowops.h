@@ -111,7 +111,7 @@ PREFIX_ATTN_INLINE float vfl_hsum(vfl v) {
 PREFIX_ATTN_INLINE vfl vfl_max(vfl a, vfl b) { return vfl_select(a > b, a, b); }
 
 // exp_approx on kLanes lanes
-PREFIX_ATTN_INLINE vfl expl(vfl x) {
+PREFIX_ATTN_INLINE vfl exp_lanes(vfl x) {
   const vfl lo = vfl_set(-87.33654f), hi = vfl_set(88.0f);
   vfl xc = vfl_select(x < lo, lo, x);
   xc = vfl_select(xc > hi, hi, xc);
@@ -167,7 +167,7 @@ PREFIX_ATTN_INLINE float fwd_exp_sum(float* s, int64_t lim, float m_new) {
   vfl sum = vfl_set(0.0f);
   for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    const vfl p = expl(vfl_load(s + c, k, -std::numeric_limits<float>::infinity()) - m_new);
+    const vfl p = exp_lanes(vfl_load(s + c, k, -std::numeric_limits<float>::infinity()) - m_new);
     vfl_store(s + c, p, k);
     sum += p;
   }
@@ -228,7 +228,7 @@ PREFIX_ATTN_INLINE void bwd_row(float* s, float* dp, const float* z, int64_t lim
     const int64_t k = lim - c;
     vfl x = vfl_load(s + c, k, neg_inf) * scale - lr;
     if (col_bias != nullptr) x += vfl_load(col_bias + c, k, 0.0f);
-    const vfl p = expl(x);
+    const vfl p = exp_lanes(x);
     const vfl d = vfl_load(dp + c, k, 0.0f);
     if (z != nullptr) {
       const vfl zz = vfl_load(z + c, k, 0.0f);
@@ -317,7 +317,7 @@ PREFIX_ATTN_INLINE void dropout_tile_impl(T* z, int64_t rows, int64_t n, const D
   }
 }
 
-// The multiversioned float entry points (defined in prefix_attn_cpu.cpp) and their double twins.
+// The multiversioned float entry points (defined in tile_ops.cpp) and their double twins.
 void fwd_rows(float* S, int64_t rows, int64_t n, float scale, const float* col_bias, int64_t lim0, float* m,
               float* l, float* acc, int64_t dim);
 void fwd_rows(double* S, int64_t rows, int64_t n, double scale, const double* col_bias, int64_t lim0, double* m,

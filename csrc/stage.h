@@ -37,7 +37,7 @@ struct Rows4 {
   T* mut(int64_t b, int64_t h, int64_t row) const { return const_cast<T*>(at(b, h, row)); }  // outputs
 };
 
-// rows x dim values, rows strided by ld_src / ld_dst (multiversioned, defined in prefix_attn_cpu.cpp)
+// rows x dim values, rows strided by ld_src / ld_dst (multiversioned, defined in tile_ops.cpp)
 void to_float(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst, int64_t ld_dst);
 void to_float(const c10::Half* src, int64_t ld_src, int64_t rows, int64_t dim, float* dst, int64_t ld_dst);
 void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10::BFloat16* dst, int64_t ld_dst);

@@ -76,9 +76,9 @@ class _BankPlan:
     """The rows of a bank grouped by entry, for one call over every entry in use (built once per ``prefix_ids``
     tensor, from one host read): ``entries`` [E] the entries some row chose, ``gather`` [E * M] each entry's rows
     padded to the largest group M (with its first row; the padded queries' results are dropped), ``where`` [B]
-    each row's place in ``gather``, ``all_used`` whether E is the whole bank."""
+    each row's place in ``gather``."""
 
-    def __init__(self, values, num_entries: int, device):
+    def __init__(self, values, device):
         rows = {}
         for b, e in enumerate(values):
             rows.setdefault(e, []).append(b)
@@ -89,7 +89,6 @@ class _BankPlan:
             for j, b in enumerate(rows[e]):
                 where[b] = i * self.size + j
             gather += rows[e] + [rows[e][0]] * (self.size - len(rows[e]))
-        self.all_used = entries == list(range(num_entries))
         self.entries = torch.tensor(entries, dtype=torch.long, device=device)
         self.gather = torch.tensor(gather, dtype=torch.long, device=device)
         self.where = torch.tensor(where, dtype=torch.long, device=device)
@@ -103,8 +102,9 @@ def _bank_part(attend, q, bank_k, bank_v, prefix_lengths, plan: _BankPlan):
     n_used, heads_kv, slots = plan.entries.numel(), bank_k.shape[1], bank_k.shape[2]
     qg = q.index_select(0, plan.gather).reshape(n_used, plan.size, heads_kv, -1, len_q, head_dim)
     qg = qg.transpose(1, 2).reshape(n_used, heads_kv, -1, head_dim)
-    keys, values = (bank_k, bank_v) if plan.all_used else (bank_k.index_select(0, plan.entries),
-                                                           bank_v.index_select(0, plan.entries))
+    # every entry in use (the entries are sorted and distinct): the bank itself, else the entries in use copied
+    keys, values = (bank_k, bank_v) if n_used == bank_k.shape[0] else (bank_k.index_select(0, plan.entries),
+                                                                       bank_v.index_select(0, plan.entries))
     mask = None
     if prefix_lengths is not None:  # compared on the device: no host read
         lengths = prefix_lengths.to(plan.entries.device).long().index_select(0, plan.entries)
@@ -128,7 +128,7 @@ def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torc
         out_p, lse_p = _prefix_part(attend, q, prefix_k, prefix_v)
     else:
         plan = checks.memo(prefix_ids, "decode_bank_plan",
-                           lambda: _BankPlan(checks.host_list(prefix_ids), prefix_k.shape[0], q.device))
+                           lambda: _BankPlan(checks.host_list(prefix_ids), q.device))
         out_p, lse_p = _bank_part(attend, q, prefix_k, prefix_v, prefix_lengths, plan)
     # the kernels' lse is +inf for a query that sees no key: -inf here, so that its weight is 0
     lse_p, lse_t = (x.masked_fill(x == float("inf"), float("-inf")) for x in (lse_p, lse_t))

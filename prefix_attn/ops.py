@@ -63,6 +63,15 @@ def _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_q, cu_k, max_q,
     checks.bank_values(prefix_k, prefix_ids, prefix_lengths)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode  # noqa: PLC0415
+
+    return _get_current_dispatch_mode()
+
+
 def _lse_shape(q, packed: bool):
     return (q.shape[1], q.shape[0]) if packed else q.shape[:3]
 
@@ -180,7 +189,10 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     # eager inference (generate()): the launcher itself, without the custom op's and autograd's dispatch (about
     # 25 us a call, more than a decode step's kernel at B = 1); torch.compile and training go through both
-    direct = not needs_grad and not torch.compiler.is_compiling()
+    # (plain tensors, no dispatch mode or tracer watching: those see the custom op)
+    direct = (not needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+              and all(type(t) in _PLAIN for t in (q, k, v, prefix_k, prefix_v))
+              and _dispatch_mode() is None)
     launcher = backends.module(backend).prefix_attn_fwd if direct else None
     if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad) and not (
             prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host

@@ -101,6 +101,44 @@ def test_fully_padded_rows_without_prefix_entry_output_zeros():
     torch.testing.assert_close(out, fused, atol=1e-6, rtol=1e-5)
 
 
+def test_one_prefix_ids_tensor_with_banks_of_different_sizes():
+    """The bank's row plan is kept per prefix_ids tensor; the same ids with a larger bank (entries unused) still
+    equal the fused kernel."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(8, 2, 1, 16, generator=g)
+    k, v = torch.randn(8, 2, 9, 16, generator=g), torch.randn(8, 2, 9, 16, generator=g)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    for entries in (2, 4):
+        pk, pv = torch.randn(entries, 2, 5, 16, generator=g), torch.randn(entries, 2, 5, 16, generator=g)
+        with torch.no_grad():
+            out = prefix_attention(q, k, v, pk, pv, prefix_ids=ids, backend="cpu")
+            fused = ops.PrefixAttentionFunction.apply(q, k, v, pk, pv, None, ids, None, None, None, 0, 0, True,
+                                                      16**-0.5, 0.0, 0.0, None, "cpu")
+        torch.testing.assert_close(out, fused, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_under_a_dispatch_mode_goes_through_the_custom_op():
+    """Eager inference calls the launcher directly, except where a dispatch mode (a FLOP counter, a tracer) or a
+    tensor subclass must see the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, pk, pv = (torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8),
+                       torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    with torch.no_grad():
+        want = prefix_attention(q, k, v, pk, pv, backend="cpu")
+        with Record():
+            got = prefix_attention(q, k, v, pk, pv, backend="cpu")
+    assert any("prefix_attn.fwd" in name for name in seen), seen
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_prefix_decode_step_reads_no_host_values(backend, monkeypatch):
     """A shared prefix's decode step reads no tensor value on the host (on a GPU: no synchronisation, nothing that

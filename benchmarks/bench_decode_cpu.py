@@ -1,7 +1,8 @@
 """One decoding step on the CPU with a long shared prefix: prefix_attn against SDPA on the caches PEFT-style decoding
-builds, float32, side by side.
+builds, float32 (or bfloat16), side by side.
 
     python benchmarks/bench_decode_cpu.py            # the issue's shapes; results in benchmarks/results/
+    python benchmarks/bench_decode_cpu.py --dtype bfloat16   # all variants in bfloat16 (*_bfloat16.md)
     python benchmarks/bench_decode_cpu.py --quick    # fewer rounds
     python benchmarks/bench_decode_cpu.py --threshold  # the decode path forced on / off at small batches
 
@@ -51,7 +52,7 @@ SHAPES = [
 ]
 
 
-def make(shape, len_q, seed=0):
+def make(shape, len_q, seed=0, dtype=torch.float32):
     B, Hq, Hkv, T, P, D, N = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -62,7 +63,7 @@ def make(shape, len_q, seed=0):
     lead = (N,) if N else ()
     pk, pv = rnd(*lead, Hkv, P, D), rnd(*lead, Hkv, P, D)
     ids = torch.randint(0, N, (B,), generator=g) if N else None
-    return q, k, v, pk, pv, ids
+    return (*(t.to(dtype) for t in (q, k, v, pk, pv)), ids)
 
 
 def expanded(prefix, ids, text):
@@ -98,11 +99,11 @@ def variants(q, k, v, pk, pv, ids, len_q):
             "sdpa concat": concat}
 
 
-def cache_mib(shape, name):
+def cache_mib(shape, name, element_size=4):
     B, Hq, Hkv, T, P, D, N = shape
     prefix = (N or 1) * Hkv * P * D
     kept = B * Hkv * (P + T) * D if name == "sdpa expanded" else B * Hkv * T * D + prefix
-    return 2 * 4 * kept / 2**20
+    return 2 * element_size * kept / 2**20
 
 
 def threshold(rounds, len_qs=(1, 16), batches=(1, 2, 4, 8, 16)):
@@ -141,42 +142,47 @@ def main(argv=None):
     parser.add_argument("--len-q", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--threshold", action="store_true", help="only the decode path on / off at small batches")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: every variant in bfloat16 (results in *_bfloat16.md)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
+    dtype = getattr(torch, args.dtype)
     if args.threshold:
         return threshold(rounds)
     shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
     lines = [f"# Decode step on the CPU: {cpu_model()}, {torch.get_num_threads()} threads", "",
-             f"float32, len_q={args.len_q}, torch {torch.__version__}, commit {git_commit()}, "
+             f"{args.dtype}, len_q={args.len_q}, torch {torch.__version__}, commit {git_commit()}, "
              f"{datetime.date.today()}, {rounds} rounds. Median ms; speed-up = median of per-round ratios "
              f"(variant / prefix_attn).", "",
              "| shape | prefix_attn ms | fused ms | sdpa expanded ms | sdpa concat ms | vs fused | vs expanded | "
              "vs concat | cache MiB (ours / expanded) |", "|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         B, Hq, Hkv, T, P, D, N = shape
-        q, k, v, pk, pv, ids = make(shape, args.len_q)
+        q, k, v, pk, pv, ids = make(shape, args.len_q, dtype=dtype)
         calls = variants(q, k, v, pk, pv, ids, args.len_q)
         with torch.no_grad():
             want = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)),
                                               **({} if ids is None else {"prefix_ids": ids}))
-            for name, fn in calls.items():
+            for name, fn in calls.items():  # float32: absolute; bfloat16: relative to the largest output
                 err = (fn().double() - want).abs().max().item()
-                assert err < 1e-4, f"{name} at {shape}: max error {err:.2e}"
+                limit = 1e-4 if dtype == torch.float32 else 3e-2 * want.abs().max().item()
+                assert err < limit, f"{name} at {shape}: max error {err:.2e}"
             times = side_by_side(lambda name, calls=calls: calls[name], list(calls), rounds)
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         ratio = {name: statistics.median(round_ratios(times, name, "prefix_attn")) for name in calls}
         label = f"B{B} Hq{Hq} Hkv{Hkv} T{T} P{P} D{D}" + (f" bank{N}" if N else "")
         lines.append(f"| {label} | {med['prefix_attn']:.2f} | {med['fused']:.2f} | {med['sdpa expanded']:.2f} | "
                      f"{med['sdpa concat']:.2f} | {ratio['fused']:.2f}x | {ratio['sdpa expanded']:.2f}x | "
-                     f"{ratio['sdpa concat']:.2f}x | {cache_mib(shape, 'prefix_attn'):.0f} / "
-                     f"{cache_mib(shape, 'sdpa expanded'):.0f} |")
+                     f"{ratio['sdpa concat']:.2f}x | {cache_mib(shape, 'prefix_attn', q.element_size()):.0f} / "
+                     f"{cache_mib(shape, 'sdpa expanded', q.element_size()):.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if not args.quick:
-        print(f"wrote {write_cpu_markdown(args.out, 'bench_decode_cpu', text)}")
+        suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
+        print(f"wrote {write_cpu_markdown(args.out, 'bench_decode_cpu', text, suffix)}")
     print(text)
 
 

@@ -59,15 +59,12 @@ PREFIX_ATTN_INLINE double exp_approx(double x) { return std::exp(x); }
 // SSE in the default clone, AVX2 in x86-64-v3 and AVX-512 in x86-64-v4 (16 lanes: one zmm register). Row
 // tails are padded through a small stack buffer, so every element goes through the same arithmetic.
 #if defined(__GNUC__) || defined(__clang__)
-#define PREFIX_ATTN_VEC8 1
-#ifndef PREFIX_ATTN_LANES
-#define PREFIX_ATTN_LANES 16
-#endif
+#define PREFIX_ATTN_VEC 1
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // always-inlined helpers: no 32-byte vectors cross a real call
-constexpr int64_t kLanes = PREFIX_ATTN_LANES;
-typedef float vfl __attribute__((vector_size(4 * PREFIX_ATTN_LANES)));
-typedef int32_t vil __attribute__((vector_size(4 * PREFIX_ATTN_LANES)));
+#pragma GCC diagnostic ignored "-Wpsabi"  // always-inlined helpers: no 64-byte vectors cross a real call
+constexpr int64_t kLanes = 16;
+typedef float vfl __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vil __attribute__((vector_size(4 * kLanes)));
 
 PREFIX_ATTN_INLINE vfl vfl_set(float x) { return vfl{} + x; }
 // load `count` (<= kLanes) floats from p, the rest of the lanes `fill`
@@ -150,7 +147,7 @@ PREFIX_ATTN_INLINE T fwd_exp_sum(T* s, int64_t lim, T m_new) {
   }
   return sum;
 }
-#ifdef PREFIX_ATTN_VEC8
+#ifdef PREFIX_ATTN_VEC
 PREFIX_ATTN_INLINE float fwd_scale_max(float* s, int64_t lim, float scale, const float* col_bias) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   vfl mx = vfl_set(neg_inf);
@@ -220,7 +217,7 @@ PREFIX_ATTN_INLINE void bwd_row(T* s, T* dp, const T* z, int64_t lim, T scale, c
     }
   }
 }
-#ifdef PREFIX_ATTN_VEC8
+#ifdef PREFIX_ATTN_VEC
 PREFIX_ATTN_INLINE void bwd_row(float* s, float* dp, const float* z, int64_t lim, float scale,
                                 const float* col_bias, float lr, float dr) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -273,16 +270,16 @@ inline void softcap_tile(T* S, int64_t count, T scale, T cap, T* grad) {
   }
 }
 
-// delta[r] = sum_d dout[r, d] * out[r, d] (rows strided by ld_*)
-template <typename T>
-PREFIX_ATTN_INLINE void row_dots_impl(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t dim,
+// delta[r] = sum_d dout[r, d] * out[r, d] (rows strided by ld_*), in T; TI: the rows' type (T, or 16-bit read as T)
+template <typename T, typename TI = T>
+PREFIX_ATTN_INLINE void row_dots_impl(const TI* a, int64_t lda, const TI* b, int64_t ldb, int64_t rows, int64_t dim,
                                       T* res) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* x = a + r * lda;
-    const T* y = b + r * ldb;
+    const TI* x = a + r * lda;
+    const TI* y = b + r * ldb;
     T sum = T(0);
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < dim; ++d) sum += x[d] * y[d];
+    for (int64_t d = 0; d < dim; ++d) sum += static_cast<T>(x[d]) * static_cast<T>(y[d]);
     res[r] = sum;
   }
 }

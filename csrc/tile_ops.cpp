@@ -104,26 +104,13 @@ void from_float(const float* src, int64_t ld_src, int64_t rows, int64_t dim, c10
   }
 }
 
-// delta = rowsum(dO * O) of 16-bit rows, in float
-template <typename TI>
-PREFIX_ATTN_INLINE void row_dots16_impl(const TI* a, int64_t lda, const TI* b, int64_t ldb, int64_t rows,
-                                        int64_t dim, float* res) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const TI* x = a + r * lda;
-    const TI* y = b + r * ldb;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < dim; ++d) sum += static_cast<float>(x[d]) * static_cast<float>(y[d]);
-    res[r] = sum;
-  }
-}
 PREFIX_ATTN_CLONES void row_dots(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
                                  int64_t rows, int64_t dim, float* res) {
-  row_dots16_impl(a, lda, b, ldb, rows, dim, res);
+  row_dots_impl<float>(a, lda, b, ldb, rows, dim, res);
 }
 PREFIX_ATTN_CLONES void row_dots(const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, int64_t rows,
                                  int64_t dim, float* res) {
-  row_dots16_impl(a, lda, b, ldb, rows, dim, res);
+  row_dots_impl<float>(a, lda, b, ldb, rows, dim, res);
 }
 
 // ---- the matrix units (gemm.h) ----

@@ -24,6 +24,7 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends, checks, decode
 from . import dropout as _dropout
@@ -66,10 +67,14 @@ def _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_q, cu_k, max_q,
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode  # noqa: PLC0415
-
-    return _get_current_dispatch_mode()
+def _launch_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, dropout_seed, backend):
+    """The forward op's body: the value checks, then the backend's launcher -> (out, lse)."""
+    _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return backends.module(backend).prefix_attn_fwd(
+        q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, prefix_ids=prefix_ids,
+        prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def _lse_shape(q, packed: bool):
@@ -85,11 +90,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.T
             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
             softmax_scale: float, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor],
             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return backends.module(backend).prefix_attn_fwd(
-        q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap, prefix_ids=prefix_ids,
-        prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    return _launch_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q,
+                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p,
+                       dropout_seed, backend)
 
 
 @_fwd_op.register_fake
@@ -192,8 +195,8 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
     # (plain tensors, no dispatch mode or tracer watching: those see the custom op)
     direct = (not needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
               and all(type(t) in _PLAIN for t in (q, k, v, prefix_k, prefix_v))
-              and _dispatch_mode() is None)
-    launcher = backends.module(backend).prefix_attn_fwd if direct else None
+              and _get_current_dispatch_mode() is None)
+    forward = _launch_fwd if direct else _fwd_op
     if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad) and not (
             prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
         _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
@@ -201,19 +204,13 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
         empty = prefix_k.new_empty(k.shape[1], 0, head_dim)
 
         def attend(q_, k_, v_, causal_, mask_):
-            if direct:
-                return launcher(q_, k_, v_, empty, empty, mask_, causal_, scale, softcap)
-            return _fwd_op(q_, k_, v_, empty, empty, mask_, None, None, None, None, 0, 0, causal_, scale, softcap,
+            return forward(q_, k_, v_, empty, empty, mask_, None, None, None, None, 0, 0, causal_, scale, softcap,
                            0.0, None, backend)
 
         return decode.forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal)[0]
     if direct:
-        _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k)
-        return launcher(q, k, v, prefix_k, prefix_v, mask, causal, scale, softcap, prefix_ids=prefix_ids,
-                        prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k), dropout_p=dropout_p,
-                        dropout_seed=seed)[0]
+        return _launch_fwd(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k,
+                           int(max_seqlen_q), int(max_seqlen_k), causal, scale, softcap, dropout_p, seed, backend)[0]
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                                          cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale, softcap,
                                          dropout_p, seed, backend)

@@ -7,6 +7,8 @@ query. Groups (``GROUP``), as numbered in benchmarks/README.md:
     prefix_attn        ours: the fused op
     peft_eager         1: PEFT's path through transformers' eager attention
     sdpa[...]          2: expand + concat + F.scaled_dot_product_attention, PyTorch's choice or a forced backend
+    sdpa_flash,        2: expand + concat, the queries padded with zero rows to a square, is_causal=True, SDPA's
+    sdpa_cudnn            flash or cuDNN kernel forced (``sdpa_square``)
     flex, flex_packed  3: FlexAttention on expand + concat, or with the batch packed behind one copy of the prefix
     flash_attn         4: flash_attn_func(causal=True) on expand + concat
 
@@ -16,6 +18,8 @@ query. Groups (``GROUP``), as numbered in benchmarks/README.md:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Dict, List
 
 import torch
@@ -31,6 +35,8 @@ GROUP = {
     "sdpa[flash]": "2",
     "sdpa[efficient]": "2",
     "sdpa[cudnn]": "2",
+    "sdpa_flash": "2",
+    "sdpa_cudnn": "2",
     "flex": "3",
     "flex_packed": "3",
     "flash_attn": "4",
@@ -124,6 +130,71 @@ def make_sdpa(which: str, shape_q, len_k: int, num_prefix: int, scale: float, gr
             return run(q, k, v, prefix_k, prefix_v)
 
     return forced
+
+
+def sdpa_square(q, k, v, prefix_k, prefix_v, backends=None, scale=None, gqa=True):
+    """Prefix attention through SDPA's causal kernels, which take a top-left causal mask only.
+
+    Keys ``[prefix | text]`` (expand + concat) have length ``P + Tk``; the queries get ``P + Tk - Tq`` zero rows
+    in front, so that the square ``is_causal=True`` mask puts real query ``i`` at row ``P + Tk - Tq + i``: it sees
+    every prefix slot and the text keys ``j <= Tk - Tq + i``, the bottom-right mask of ``prefix_attention``. The
+    padded rows are dropped from the output; they get a zero ``dout``, so they add nothing to any gradient and the
+    real rows' gradients are exact. Supports causal attention with ``Tq <= Tk`` (``Tq < Tk``: decoding-like,
+    at the cost of ``P + Tk - Tq`` computed rows that are thrown away), any ``P >= 0`` and GQA; no key-padding mask.
+
+    ``backends``: SDPBackend list forced with ``sdpa_kernel`` (None: PyTorch's choice). ``gqa``: GQA through
+    ``enable_gqa`` (the backend must take it), else K/V repeated per query head with ``repeat_kv``.
+    """
+    batch, heads_q, len_q, head_dim = q.shape
+    heads_kv, len_k, num_prefix = k.shape[1], k.shape[2], prefix_k.shape[1]
+    if len_q > len_k:
+        raise ValueError(f"sdpa_square: len_q {len_q} > len_k {len_k}; the queries must be the last len_q rows")
+    pad = num_prefix + len_k - len_q
+    q_square = torch.cat([q.new_zeros(batch, heads_q, pad, head_dim), q], dim=2)
+    key, value = expand_concat(prefix_k, k), expand_concat(prefix_v, v)
+    group = heads_q // heads_kv
+    if group > 1 and not gqa:
+        key, value = repeat_kv(key, group), repeat_kv(value, group)
+    with contextlib.nullcontext() if backends is None else _sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(q_square, key, value, is_causal=True, scale=scale,
+                                             enable_gqa=gqa and group > 1)
+    return out[:, :, pad:]
+
+
+def _sdpa_kernel(backends):
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
+
+
+@functools.lru_cache(maxsize=None)
+def sdpa_takes_gqa(backend, heads_q: int, heads_kv: int, head_dim: int, dtype, device: str) -> bool:
+    """Whether the forced SDPA backend runs forward and backward with ``enable_gqa`` at these heads (a tiny probe,
+    once per key; which backends take it changes between PyTorch versions)."""
+    x = [torch.zeros(1, h, 16, head_dim, dtype=dtype, device=device, requires_grad=True)
+         for h in (heads_q, heads_kv, heads_kv)]
+    try:
+        with _sdpa_kernel([backend]):
+            F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True).sum().backward()
+        return True
+    except RuntimeError:
+        return False
+
+
+def make_sdpa_square(backend, shape_q, len_k: int, heads_kv: int, scale: float, dtype, device, gqa=None):
+    """Baselines ``sdpa_flash`` / ``sdpa_cudnn``: ``sdpa_square`` with one SDPBackend forced. ``gqa=None`` probes
+    whether the backend takes ``enable_gqa`` here (``sdpa_takes_gqa``), else K/V go through ``repeat_kv``."""
+    heads_q, len_q, head_dim = shape_q[1], shape_q[2], shape_q[3]
+    if len_q > len_k:
+        raise ValueError(f"sdpa_square: len_q {len_q} > len_k {len_k}; the queries must be the last len_q rows")
+    if gqa is None:
+        gqa = heads_q > heads_kv and sdpa_takes_gqa(backend, heads_q, heads_kv, head_dim, dtype,
+                                                    torch.device(device).type)
+
+    def run(q, k, v, prefix_k, prefix_v):
+        return sdpa_square(q, k, v, prefix_k, prefix_v, backends=[backend], scale=scale, gqa=gqa)
+
+    return run
 
 
 def _dynamo_allow_many_shapes() -> None:
@@ -254,6 +325,12 @@ def build_methods(args, shape_q, batch, len_k, num_prefix, dtype, device, scale,
                 if which != "auto" and device.type != "cuda":
                     raise Unavailable(f"SDPA backend '{which}' is CUDA-only")
                 methods[name] = make_sdpa(which, shape_q, len_k, num_prefix, scale, group)
+            elif name in ("sdpa_flash", "sdpa_cudnn"):
+                which = name[5:]
+                if device.type != "cuda":
+                    raise Unavailable(f"SDPA's {which} kernel is CUDA-only (the padding is tested on the CPU's SDPA)")
+                methods[name] = make_sdpa_square(_sdpa_backend(which), shape_q, len_k, shape_q[1] // group, scale,
+                                                 dtype, device)
             elif name in ("flex", "flex_packed"):
                 compiled = compile_flex and not (device.type == "cpu" and args.quick)
                 methods[name] = make_flex(

@@ -15,6 +15,10 @@ Methods, all measured in the same run on the same inputs, each checked for corre
     sdpa[auto|flash|efficient|cudnn]
                        baseline 2: expand + concat + F.scaled_dot_product_attention with
                        attn_mask=causal_lower_right(T, P + T), PyTorch's choice and each backend forced
+    sdpa_flash, sdpa_cudnn
+                       baseline 2 on SDPA's flash / cuDNN kernel: expand + concat, P zero query rows in front so
+                       that the causal mask is square, is_causal=True, the zero rows' output dropped (exact, the
+                       backward too); GQA through enable_gqa where the backend takes it, else repeat_kv
     flex               baseline 3: expand + concat + torch.compile(flex_attention) with a block mask from
                        mask_mod ``kv < P or kv - P <= q + (Tk - Tq)``
     flex_packed        baseline 3, expansion-free: the batch packed into one sequence behind a single copy of
@@ -52,7 +56,9 @@ from baselines import GROUP, build_methods, prefix_attn_backend
 from baselines import additive_prefix_mask as additive_prefix_mask
 from baselines import make_flex as make_flex
 from baselines import make_sdpa as make_sdpa
+from baselines import make_sdpa_square as make_sdpa_square
 from baselines import peft_eager_attention as peft_eager_attention
+from baselines import sdpa_square as sdpa_square
 from common import (
     device_name,
     forward_backward,

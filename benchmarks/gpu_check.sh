@@ -144,7 +144,8 @@ if [ "$STAGE" = 1 ]; then
     [ "$DRY" = 0 ] && cp "$WORK"/decode_*.md "$WORK/decode.md" 2>/dev/null
     publish decode.md
     step attention 80 "$PY" benchmarks/bench_attention.py --shapes gpt2-small,llama-7b --dtypes bfloat16 --prefix 64 \
-        --modes fwd,bwd,fwdbwd --methods "prefix_attn,sdpa[auto],flex,peft_eager" --time-budget 55 --out "$WORK" --no-table
+        --modes fwd,bwd,fwdbwd --methods "prefix_attn,sdpa[auto],sdpa_flash,sdpa_cudnn,flex,peft_eager" --time-budget 55 \
+        --out "$WORK" --no-table
     [ "$DRY" = 0 ] && cp "$WORK"/attention_*.json "$WORK/attention.json" 2>/dev/null
     publish attention.json
 else
@@ -173,8 +174,8 @@ else
                             cp "$PREFIX_ATTN_AUTOTUNE_CACHE" "$WORK/autotune.json" 2>/dev/null; }
         publish attention_tuned.json autotune.json
         step more_shapes 80 "$PY" benchmarks/bench_attention.py --shapes llama-7b,gpt2-small,llama3-8b-gqa \
-            --dtypes bfloat16,float16 --prefix 10,200,64 --modes fwdbwd --methods "prefix_attn,sdpa[auto],peft_eager" \
-            --time-budget 55 --out "$WORK/more" --no-table
+            --dtypes bfloat16,float16 --prefix 10,200,64 --modes fwdbwd \
+            --methods "prefix_attn,sdpa[auto],sdpa_flash,sdpa_cudnn,peft_eager" --time-budget 55 --out "$WORK/more" --no-table
         [ "$DRY" = 0 ] && cp "$WORK"/more/attention_*.json "$WORK/attention_more.json" 2>/dev/null
         publish attention_tuned.json autotune.json attention_more.json
         step suite 60 bash "$SELF" --stage 2 --do suite "$WORK/suite.xml"

@@ -87,6 +87,55 @@ def test_sdpa_baseline_matches_reference(case):
     _check_against_reference(sdpa, case)
 
 
+# (batch, heads_q, heads_kv, len_q, len_k, P, head_dim) for the zero-row padding of sdpa_flash / sdpa_cudnn
+SQUARE_CASES = [
+    (2, 3, 3, 17, 17, 0, 16),
+    (2, 3, 3, 17, 17, 1, 16),
+    (2, 3, 3, 17, 17, 5, 8),
+    (2, 6, 2, 17, 17, 0, 16),  # GQA 3
+    (2, 6, 2, 17, 17, 1, 16),
+    (1, 3, 1, 17, 17, 5, 16),  # MQA (GQA 3)
+    (2, 6, 2, 5, 17, 5, 16),  # len_q < len_k: the queries are the last rows
+    (2, 3, 3, 1, 17, 1, 8),  # one query, as in decoding
+]
+SQUARE_IDS = [f"B{b}-Hq{hq}-Hkv{hkv}-Tq{tq}-Tk{tk}-P{p}-D{d}" for b, hq, hkv, tq, tk, p, d in SQUARE_CASES]
+
+
+@pytest.mark.parametrize("gqa", [None, False], ids=["gqa-probed", "repeat_kv"])
+@pytest.mark.parametrize("backend", ["MATH", "FLASH_ATTENTION"])
+@pytest.mark.parametrize("case", SQUARE_CASES, ids=SQUARE_IDS)
+def test_sdpa_square_baseline_matches_reference(case, backend, gqa):
+    """The padding behind sdpa_flash / sdpa_cudnn (zero query rows in front, square is_causal=True, rows dropped) is
+    exact, output and all five gradients, through the same builder with a CPU SDPA backend forced: the CPU's math
+    kernel and its own flash kernel (which the GPU methods do not run; CUDA's flash and cuDNN need a GPU)."""
+    from torch.nn.attention import SDPBackend
+
+    b, hq, hkv, tq, tk, p, d = case
+    fn = bench.make_sdpa_square(getattr(SDPBackend, backend), (b, hq, tq, d), tk, hkv, d**-0.5, torch.float64, "cpu",
+                                gqa=gqa)
+    _check_against_reference(fn, case)
+
+
+def test_sdpa_square_refuses_more_queries_than_keys():
+    from torch.nn.attention import SDPBackend
+
+    with pytest.raises(ValueError, match="len_q 9 > len_k 8"):
+        bench.make_sdpa_square(SDPBackend.MATH, (1, 2, 9, 8), 8, 2, 8**-0.5, torch.float64, "cpu")
+    xs = [torch.randn(1, 2, 9, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(2, 3, 8),
+          torch.randn(2, 3, 8)]
+    with pytest.raises(ValueError, match="len_q 9 > len_k 8"):
+        bench.sdpa_square(*xs)
+
+
+def test_sdpa_flash_and_cudnn_are_unavailable_on_the_cpu():
+    import argparse
+
+    methods = bench.build_methods(argparse.Namespace(quick=True), (1, 4, 9, 8), 1, 9, 3, torch.float32,
+                                  torch.device("cpu"), 8**-0.5, 2, "torch", ["sdpa_flash", "sdpa_cudnn"])
+    assert methods == {name: f"SDPA's {name[5:]} kernel is CUDA-only (the padding is tested on the CPU's SDPA)"
+                       for name in ("sdpa_flash", "sdpa_cudnn")}
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("packed", [False, True], ids=["expanded", "packed"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=[IDS[1], IDS[3], IDS[5]])
@@ -119,7 +168,7 @@ def test_suite_runs_on_a_tiny_shape_and_writes_json(tmp_path):
             "--modes",
             "fwd,bwd,fwdbwd",
             "--methods",
-            "prefix_attn,peft_eager,sdpa[auto],flash_attn",
+            "prefix_attn,peft_eager,sdpa[auto],sdpa_flash,sdpa_cudnn,flash_attn",
             "--device",
             "cpu",
             "--cpu-min-run-time",
@@ -145,8 +194,9 @@ def test_suite_runs_on_a_tiny_shape_and_writes_json(tmp_path):
         assert r["ms"] > 0 and r["tflops"] > 0
         if r["method"] != "prefix_attn":
             assert r["err_vs_prefix_attn"] is not None and r["err_vs_prefix_attn"] < 1e-3
-    flash = [r for r in rows if r["method"] == "flash_attn"]
-    assert flash and all(r["status"].startswith("unavailable") for r in flash)
+    for name in ("flash_attn", "sdpa_flash", "sdpa_cudnn"):  # CUDA-only: recorded with the reason, not timed
+        unavailable = [r for r in rows if r["method"] == name]
+        assert len(unavailable) == 2 * 3 and all(r["status"].startswith("unavailable: ") for r in unavailable)
     assert {t["status"] for t in saved["targets"]} <= {"met", "missed", "no data"}
     assert len(saved["targets"]) == 5
     assert saved == json.loads(json.dumps(results, default=str))

@@ -34,6 +34,20 @@ Softcapping (``SOFTCAP``, compile-time): a score ``s = softmax_scale * q.k`` bec
 the softmax (prefix and text columns alike); the kernels get ``cap_in = softmax_scale / c`` and
 ``cap_out = c * log2(e)``, and the backward multiplies dS by ``1 - tanh^2``, recomputed from the scores.
 
+Split-KV decoding (``SPLIT_KV``, compile-time; ``prefix_attn/triton/decode_launch.py``, FlashDecoding with a
+cascade prefix): the grid is (work items, Hkv) and a work item is one split of the keys for a tile of queries of
+one kv head, the queries folded row-major as (row, query head of the GQA group, query):
+
+    prefix item (entry in use u, split s, tile):  every row on entry u (a shared prefix: every row) against prefix
+                                                  slots [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT): the prefix
+                                                  is read once per tile, not once per row
+    text item (row b, split s, tile):             row b's GROUP * Tq queries against its text keys of split s
+
+Prefix items come first. ROW_PLAN (int32, a bank only) is [entry [USED], first [USED], count [USED], rows [BATCH]]:
+the entries some row chose and the rows grouped by entry (``checks.group_rows``). Each item writes float32 partials
+to the scratch O [splits, BATCH, Hq, Tq, D] (normalised) and LSE [splits, BATCH, Hq, Tq] (base 2, -inf where the
+split saw no key), prefix splits first; ``_prefix_attn_combine_kernel`` merges the splits of each query.
+
 Attention dropout (``DROPOUT``, compile-time): every kernel regenerates the keep mask of a score tile from
 (seed, b, h, query, column) with Philox (``_dropout_keep``, the mask of ``prefix_attn/dropout.py``); SEED is an
 int64 0-d tensor, ``drop_thr = floor(p * 2**16)`` and ``drop_scale = 1 / (1 - p)``. The forward sums the
@@ -54,7 +68,8 @@ LN2 = 0.6931471805599453
 # switch set and tile; the strides of Q/K/V/O/DO and the prefix stay specialised (16-byte alignment, unit stride of
 # the head dim: vector loads), and they are fixed by the head dim for the usual layouts.
 GENERIC_INTS = ("H", "HKV", "GROUP", "Tq", "Tk", "P", "N_START", "UNITS", "UNITS_PER_SPLIT", "SPLITS", "NUMEL",
-                "PER_ENTRY", "drop_thr", "stride_mb", "stride_mn", "stride_lb", "stride_lh")
+                "PER_ENTRY", "drop_thr", "stride_mb", "stride_mn", "stride_lb", "stride_lh", "BATCH", "USED",
+                "PREFIX_ROWS", "KEYS_PER_SPLIT", "N_QUERIES")
 
 
 @triton.jit
@@ -243,6 +258,50 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed
     return acc, m_new, l_i
 
 
+@triton.jit
+def _split_item(ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, HAS_IDS: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """The work item of a SPLIT_KV program (see the module docstring): (kv head hk, text row b, prefix entry e,
+    scratch slot, prefix slots [p_lo, p_hi), text keys [t_lo, t_hi), and per query of the tile [BLOCK_M]: row,
+    query head, query index, valid). A prefix item's text range and a text item's prefix range are empty."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    per_row = GROUP * Tq  # queries of one row and kv head
+    p_splits = tl.cdiv(P, KEYS_PER_SPLIT)
+    p_tiles = tl.cdiv(PREFIX_ROWS * per_row, BLOCK_M)
+    n_prefix = USED * p_splits * p_tiles
+    is_p = pid < n_prefix
+    # tile fastest: the tiles of one split read the same keys, close in time (from L2)
+    tiles = tl.maximum(tl.where(is_p, p_tiles, tl.cdiv(per_row, BLOCK_M)), 1)
+    splits = tl.maximum(tl.where(is_p, p_splits, tl.cdiv(Tk, KEYS_PER_SPLIT)), 1)
+    local = tl.where(is_p, pid, pid - n_prefix)
+    tile = local % tiles
+    split = (local // tiles) % splits
+    owner = local // (tiles * splits)  # entry in use (prefix item) or row (text item)
+    e = 0
+    first = 0
+    count = BATCH
+    if HAS_IDS:
+        u = tl.where(is_p, owner, 0)
+        e = tl.load(ROW_PLAN + u).to(tl.int64)
+        first = tl.load(ROW_PLAN + USED + u)
+        count = tl.load(ROW_PLAN + 2 * USED + u)
+    j = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = j // per_row
+    i = j % per_row
+    valid = r < tl.where(is_p, count, 1)
+    row = tl.where(is_p, first + r, owner + r)  # a text item's valid queries have r = 0
+    if HAS_IDS:  # (r < a scalar, not valid & is_p: the interpreter rejects a mask broadcast from a scalar)
+        row = tl.where(is_p, tl.load(ROW_PLAN + 3 * USED + row, mask=r < tl.where(is_p, count, 0), other=0), row)
+    lo = split * KEYS_PER_SPLIT
+    p_hi = tl.where(is_p, lo + KEYS_PER_SPLIT, 0)
+    t_hi = tl.where(is_p, 0, tl.minimum(lo + KEYS_PER_SPLIT, Tk))
+    slot = tl.where(is_p, split, p_splits + split)
+    b = tl.where(is_p, 0, owner).to(tl.int64)
+    return hk, b, e, slot, tl.where(is_p, lo, 0), p_hi, tl.where(is_p, 0, lo), t_hi, row, hk * GROUP + i // Tq, \
+        i % Tq, valid
+
+
 @triton.jit(do_not_specialize=GENERIC_INTS)
 def _prefix_attn_fwd_kernel(
     Q, K, V, PK, PV, MASK, IDS, LENS, CU_Q, CU_K, SEED, O, LSE,
@@ -258,17 +317,33 @@ def _prefix_attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    # split-KV decoding only (None otherwise: constexpr, not kernel arguments); O and LSE are then the scratch
+    SPLIT_KV: tl.constexpr = False, ROW_PLAN=None, BATCH=None, USED=None, PREFIX_ROWS=None, KEYS_PER_SPLIT=None,
 ):
-    b, h, hk, q_row0, k_row0, Tq, Tk, start_m = _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL, VARLEN, BLOCK_M)
-    DIAG = Tk - Tq
+    tl.static_assert(not (SPLIT_KV and (VARLEN or DROPOUT)), "SPLIT_KV takes padded inputs without dropout")
     rows_m = tl.arange(0, BLOCK_M)
-    offs_m = start_m + rows_m
     rows_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < Tq
-
-    q_base = Q + b * stride_qb + h * stride_qh + (q_row0 + start_m.to(tl.int64)) * stride_qm
-    q = _load(q_base, rows_m, offs_d, stride_qm, stride_qd, m_valid, HEAD_DIM, BLOCK_D, True)
+    if SPLIT_KV:
+        hk, b, e, slot, p_lo, p_hi, t_lo, t_hi, q_row, q_head, pos_m, m_valid = _split_item(
+            ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, HAS_IDS, BLOCK_M)
+        h = 0
+        k_row0 = 0
+        start_m = 0
+        n_slots = P
+        if HAS_LENS:
+            n_slots = tl.load(LENS + e)
+        q_offs = q_row.to(tl.int64) * stride_qb + q_head * stride_qh + pos_m * stride_qm
+        q = _load(Q, q_offs, offs_d, 1, stride_qd, m_valid, HEAD_DIM, BLOCK_D, True)
+    else:
+        b, h, hk, q_row0, k_row0, Tq, Tk, start_m = _query_block(CU_Q, CU_K, H, GROUP, Tq, Tk, CAUSAL, VARLEN,
+                                                                 BLOCK_M)
+        pos_m = start_m + rows_m
+        m_valid = pos_m < Tq
+        q_base = Q + b * stride_qb + h * stride_qh + (q_row0 + start_m.to(tl.int64)) * stride_qm
+        q = _load(q_base, rows_m, offs_d, stride_qm, stride_qd, m_valid, HEAD_DIM, BLOCK_D, True)
+        e, n_slots = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
+    DIAG = Tk - Tq
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -276,18 +351,22 @@ def _prefix_attn_fwd_kernel(
     seed = _load_seed(SEED, DROPOUT)
 
     # prefix: this row's entry, read in place, visible to every query; only the ragged end is masked
-    e, n_slots = _row_prefix(IDS, LENS, b, P, HAS_IDS, HAS_LENS)
     pk_base = PK + e * stride_pke + hk * stride_pkh
     pv_base = PV + e * stride_pve + hk * stride_pvh
     p_full = n_slots // BLOCK_N * BLOCK_N
-    for start_n in range(0, p_full, BLOCK_N):
+    if SPLIT_KV:  # this item's slots [p_lo, p_hi), a multiple of BLOCK_N apart
+        lo_full, hi_full, lo_tail, hi_tail = p_lo, tl.minimum(p_full, p_hi), tl.maximum(p_full, p_lo), \
+            tl.minimum(n_slots, p_hi)
+    else:
+        lo_full, hi_full, lo_tail, hi_tail = 0, p_full, p_full, n_slots
+    for start_n in range(lo_full, hi_full, BLOCK_N):
         k = _load_t(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, rows_n,
                   HEAD_DIM, BLOCK_D, False)
         v = _load(pv_base + start_n * stride_pvn, rows_n, offs_d, stride_pvn, stride_pvd, rows_n,
                   HEAD_DIM, BLOCK_D, False)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, 0, qk_scale, cap_in, cap_out, seed, b, h, start_m,
                                   start_n + rows_n, drop_thr, False, PRECISION, SOFTCAP, DROPOUT)
-    for start_n in range(p_full, n_slots, BLOCK_N):  # the ragged end: at most one block (a loop keeps it compact)
+    for start_n in range(lo_tail, hi_tail, BLOCK_N):  # the ragged end: at most one block (a loop keeps it compact)
         in_range = start_n + rows_n < n_slots
         k = _load_t(pk_base + start_n * stride_pkn, rows_n, offs_d, stride_pkn, stride_pkd, in_range,
                     HEAD_DIM, BLOCK_D, True)
@@ -300,8 +379,16 @@ def _prefix_attn_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh + k_row0 * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k_row0 * stride_vn
     mask_base = MASK + b * stride_mb
-    full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_hi, BLOCK_N):  # running 64-bit pointers: no 32-bit start_n * stride product
+    if SPLIT_KV:  # this item's keys [t_lo, t_hi); every query of the tile sees keys <= DIAG (query 0's last)
+        full_hi, _ = _causal_bounds(0, Tk, DIAG, CAUSAL, 1, BLOCK_N)
+        lo_full, hi_full, lo_tail, hi_tail = t_lo, tl.minimum(full_hi, t_hi), tl.maximum(full_hi, t_lo), t_hi
+        k_base += t_lo.to(tl.int64) * stride_kn
+        v_base += t_lo.to(tl.int64) * stride_vn
+        mask_base += t_lo.to(tl.int64) * stride_mn
+    else:
+        full_hi, hi = _causal_bounds(start_m, Tk, DIAG, CAUSAL, BLOCK_M, BLOCK_N)
+        lo_full, hi_full, lo_tail, hi_tail = 0, full_hi, full_hi, hi
+    for start_n in range(lo_full, hi_full, BLOCK_N):  # running 64-bit pointers: no 32-bit start_n * stride product
         k = _load_t(k_base, rows_n, offs_d, stride_kn, stride_kd, rows_n, HEAD_DIM, BLOCK_D, False)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, rows_n, HEAD_DIM, BLOCK_D, False)
         visible = 0
@@ -312,14 +399,14 @@ def _prefix_attn_fwd_kernel(
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(lo_tail, hi_tail, BLOCK_N):
         cols = start_n + rows_n
         in_range = cols < Tk
         k = _load_t(k_base, rows_n, offs_d, stride_kn, stride_kd, in_range, HEAD_DIM, BLOCK_D, True)
         v = _load(v_base, rows_n, offs_d, stride_vn, stride_vd, in_range, HEAD_DIM, BLOCK_D, True)
         visible = in_range[None, :]
         if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + DIAG)
+            visible = visible & (cols[None, :] <= pos_m[:, None] + DIAG)
         if HAS_MASK:
             visible = visible & (tl.load(mask_base + rows_n * stride_mn, mask=in_range, other=0) != 0)[None, :]
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, visible, qk_scale, cap_in, cap_out, seed, b, h, start_m,
@@ -330,14 +417,56 @@ def _prefix_attn_fwd_kernel(
 
     empty = l_i == 0.0  # saw no key at all: output 0, lse = +inf so backward's p = exp(s - lse) = 0
     l_safe = tl.where(empty, 1.0, l_i)
-    if DROPOUT:
-        out = acc * (drop_scale / l_safe)[:, None]
+    if SPLIT_KV:  # float32 partials; a split that saw no key weighs 0 in the merge (base-2 lse -inf)
+        o_offs = (slot.to(tl.int64) * BATCH + q_row) * stride_ob + q_head * stride_oh + pos_m * stride_om
+        _store(O, o_offs, offs_d, 1, stride_od, acc / l_safe[:, None], m_valid, HEAD_DIM, BLOCK_D)
+        l_offs = (slot.to(tl.int64) * BATCH + q_row) * stride_lb + q_head * stride_lh + pos_m
+        tl.store(LSE + l_offs, tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe)), mask=m_valid)
     else:
-        out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = O + b * stride_ob + h * stride_oh + (q_row0 + start_m.to(tl.int64)) * stride_om
-    _store(o_base, rows_m, offs_d, stride_om, stride_od, out.to(O.dtype.element_ty), m_valid, HEAD_DIM, BLOCK_D)
-    tl.store(LSE + b * stride_lb + h * stride_lh + q_row0 + offs_m, lse, mask=m_valid)
+        if DROPOUT:
+            out = acc * (drop_scale / l_safe)[:, None]
+        else:
+            out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        o_base = O + b * stride_ob + h * stride_oh + (q_row0 + start_m.to(tl.int64)) * stride_om
+        _store(o_base, rows_m, offs_d, stride_om, stride_od, out.to(O.dtype.element_ty), m_valid, HEAD_DIM,
+               BLOCK_D)
+        tl.store(LSE + b * stride_lb + h * stride_lh + q_row0 + pos_m, lse, mask=m_valid)
+
+
+@triton.jit(do_not_specialize=GENERIC_INTS)
+def _prefix_attn_combine_kernel(
+    PART_O, PART_L, O, LSE, N_QUERIES, SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The merge of SPLIT_KV's partials by log-sum-exp: PART_O [SPLITS, N_QUERIES, HEAD_DIM] float32 (normalised),
+    PART_L [SPLITS, N_QUERIES] (base 2, -inf for a split that saw no key) -> O [N_QUERIES, HEAD_DIM] in O's dtype,
+    LSE [N_QUERIES] float32 (natural log, +inf for a query that saw no key: output 0). Contiguous, BLOCK_R queries
+    a program."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = rows < N_QUERIES
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    part_l = PART_L
+    for _ in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(part_l + rows, mask=ok, other=float("-inf")))
+        part_l += N_QUERIES
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    part_l = PART_L
+    part_o = PART_O  # a running 64-bit pointer: no 32-bit split * N_QUERIES * HEAD_DIM product
+    for _ in range(0, SPLITS):
+        w = tl.math.exp2(tl.load(part_l + rows, mask=ok, other=float("-inf")) - m)
+        part = _load(part_o, rows, offs_d, HEAD_DIM, 1, ok, HEAD_DIM, BLOCK_D, True)
+        l_sum += w
+        acc += w[:, None] * part  # NaN in a split stays NaN, as in plain attention
+        part_l += N_QUERIES
+        part_o += N_QUERIES * HEAD_DIM
+    empty = l_sum == 0.0
+    l_safe = tl.where(empty, 1.0, l_sum)
+    _store(O, rows, offs_d, HEAD_DIM, 1, (acc / l_safe[:, None]).to(O.dtype.element_ty), ok, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + rows, tl.where(empty, float("inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453), mask=ok)
 
 
 @triton.jit(do_not_specialize=GENERIC_INTS)

@@ -10,6 +10,12 @@ use, all of them one call, each entry's slots past its length masked as padding)
 group's query heads folded into one sequence when the causal mask allows (``len_q == 1``), so a kv head is read
 once. The two parts are merged by their log-sum-exp.
 
+On the Triton backend the decode path is split-KV decoding instead (``split_forward``,
+``prefix_attn/triton/decode_launch.py``): the same fold, the prefix and the text cut into splits of their keys that
+are the work items of one launch of the forward kernel, then one launch that merges every query's splits by
+log-sum-exp. It takes any prefix length (0 too) and any batch: the splits fill the GPU where a fused call would run
+one program per row and head.
+
 Shapes as in ``prefix_attention``. The merged ``lse`` keeps the kernels' convention: ``+inf`` for a query that
 sees no key at all.
 """
@@ -31,9 +37,14 @@ DECODE_MIN_ROWS = 2
 DECODE_MIN_READERS = 16
 
 
-def applies(q, prefix_k, prefix_v, packed: bool, dropout_p: float, needs_grad: bool) -> bool:
-    """Whether a forward takes the decode path (``generate()`` does, with no option)."""
-    if packed or needs_grad or dropout_p > 0 or q.shape[2] > DECODE_MAX_LEN_Q or prefix_k.shape[-2] == 0:
+def applies(q, prefix_k, prefix_v, packed: bool, dropout_p: float, needs_grad: bool, backend: str = "cpu") -> bool:
+    """Whether a forward takes the decode path (``generate()`` does, with no option). On the Triton backend every
+    padded call with few queries and no gradient or dropout does (split-KV decoding, ``split_forward``)."""
+    if packed or needs_grad or dropout_p > 0 or q.shape[2] > DECODE_MAX_LEN_Q:
+        return False
+    if backend == "triton":
+        return True
+    if prefix_k.shape[-2] == 0:
         return False
     readers = q.shape[0] * (q.shape[1] // prefix_k.shape[-3])
     if prefix_k.dim() == 4:  # a bank: readers per entry
@@ -139,3 +150,40 @@ def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torc
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = (out_p.to(acc) * w_p).add_(out_t.to(acc) * w_t)
     return out.to(q.dtype), lse.masked_fill(~seen, float("inf"))
+
+
+# ------------------------------------------------------------------------------------------- Triton: split-KV
+def _split_launch(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale,
+                  softcap):
+    from .triton import decode_launch  # noqa: PLC0415 - lazy: importing triton is slow
+
+    return decode_launch.decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal, softmax_scale, softcap,
+                                    prefix_ids=prefix_ids, prefix_lengths=prefix_lengths)
+
+
+# the launcher as a custom op (torch.compile, dispatch modes), as ops.py does for the fused forward
+@torch.library.custom_op("prefix_attn::decode_split", mutates_args=())
+def _split_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], prefix_ids: Optional[torch.Tensor],
+              prefix_lengths: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+              softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _split_launch(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal,
+                         softmax_scale, softcap)
+
+
+@_split_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, causal, softmax_scale, softcap):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+def split_forward(q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torch.Tensor],
+                  prefix_lengths: Optional[torch.Tensor], causal: bool, softmax_scale: float, softcap: float,
+                  direct: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton decode path -> (out like q, lse float32 [B, Hq, Lq]): two launches, split-KV over the text and the
+    prefix (``prefix_attn/triton/decode_launch.py``). ``direct``: the launcher itself (eager inference), else the
+    custom op ``prefix_attn::decode_split``. Reads no value on the host with a shared prefix (a CUDA graph can
+    capture it); a bank groups its rows by entry once per ``prefix_ids`` tensor."""
+    run = _split_launch if direct else _split_op
+    return run(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, bool(causal), float(softmax_scale),
+               float(softcap))

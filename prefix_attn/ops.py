@@ -197,9 +197,12 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
               and all(type(t) in _PLAIN for t in (q, k, v, prefix_k, prefix_v))
               and _get_current_dispatch_mode() is None)
     forward = _launch_fwd if direct else _fwd_op
-    if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad) and not (
+    if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad, backend) and not (
             prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
         _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
+        if backend == "triton":  # split-KV decoding: two launches (decode.split_forward)
+            return decode.split_forward(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal, scale,
+                                        softcap, direct)[0]
 
         empty = prefix_k.new_empty(k.shape[1], 0, head_dim)
 

@@ -33,6 +33,15 @@ def _backend_ok(backend):
         pytest.skip(f"{backend} backend unavailable")
 
 
+def _spy(monkeypatch, backend="cpu"):
+    """A list that grows by one at each call of the backend's decode path (Triton: split-KV, ``split_forward``)."""
+    taken = []
+    name = "split_forward" if backend == "triton" else "forward"
+    real = getattr(decode, name)
+    monkeypatch.setattr(decode, name, lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    return taken
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", DECODE_GRID, ids=str)
@@ -40,9 +49,7 @@ def test_decode_grid(case, dtype, backend, monkeypatch):
     _backend_ok(backend)
     monkeypatch.setattr(decode, "DECODE_MIN_ROWS", 1)  # every case on the path (the thresholds are a speed rule)
     monkeypatch.setattr(decode, "DECODE_MIN_READERS", 1)
-    taken = []
-    real = decode.forward
-    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    taken = _spy(monkeypatch, backend)
     q, k, v, pk, pv, mask, _ = make_inputs(case, dtype)
     extra = case_args(case)
     cap = {"softcap": case.softcap} if case.softcap else {}
@@ -64,9 +71,7 @@ def test_decode_path_only_without_gradients_and_dropout(monkeypatch):
     monkeypatch.setattr(decode, "DECODE_MIN_READERS", 1)  # the speed rule aside
     case = DECODE_GRID[0]
     q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)
-    taken = []
-    real = decode.forward
-    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    taken = _spy(monkeypatch)
     pk.requires_grad_(True)
     out = prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend="cpu")
     assert not taken and out.requires_grad  # training: the fused kernels (one backward for all five inputs)
@@ -149,9 +154,7 @@ def test_shared_prefix_decode_step_reads_no_host_values(backend, monkeypatch):
     sys.path.insert(0, os.path.dirname(__file__))
     from host_reads import HostReads
 
-    taken = []
-    real = decode.forward
-    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    taken = _spy(monkeypatch, backend)
     q, k, v = torch.randn(8, 4, 1, 16), torch.randn(8, 2, 9, 16), torch.randn(8, 2, 9, 16)
     pk, pv = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     mask = torch.ones(8, 9, dtype=torch.bool)
@@ -218,9 +221,7 @@ def test_generate_takes_the_decode_path(monkeypatch):
     ids = torch.randint(3, 40, (16, 5), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[3, :2] = 0
-    taken = []
-    real = decode.forward
-    monkeypatch.setattr(decode, "forward", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    taken = _spy(monkeypatch)
     kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         got = model.generate(ids, **kw)

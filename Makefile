@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 TRANSFORMERS_SPEC ?= transformers>=5.23
 HF_OLDEST ?= 5.23.0
 PYTEST_ARGS ?= -q
+# the GPU machine's Triton, in a directory of its own: tests compile the kernels for sm_90 with it (no GPU needed)
+GPU_TRITON_SPEC ?= triton==3.6.0
+GPU_TRITON_DIR ?= .triton36
 HF_TESTS := tests/test_hf_families.py tests/test_transformers_integration.py tests/test_hf_training.py \
 	tests/test_hf_packed.py tests/test_hf_bank.py tests/test_hf_dropout.py tests/test_prefix_hidden.py \
 	tests/test_autocast.py tests/test_hf_checkpoints.py tests/test_hf_encoders.py \
@@ -21,6 +24,7 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" pybind11 ninja
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench]"
 	$(BIN)/python -m pip install -q --upgrade "$(TRANSFORMERS_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(GPU_TRITON_DIR) "$(GPU_TRITON_SPEC)"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -44,4 +48,4 @@ lint: setup
 	$(BIN)/python -m ruff check prefix_attn tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .venv-hf-oldest build *.egg-info prefix_attn/*.so
+	rm -rf $(VENV) .venv-hf-oldest $(GPU_TRITON_DIR) build *.egg-info prefix_attn/*.so

@@ -14,6 +14,7 @@ the kernels compile and fit; it says nothing about numerics or speed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     for head_dim in args.head_dims:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             B, Hq, Hkv, Tq, Tk, P = 2, 4, 2, 257, 300, 100  # P = 100: prefix pieces of 64, 32 and 16 rows
-            print(f"D={head_dim} {dtype} (B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} P={P}, causal, masked)")
+            print(f"D={head_dim} {dtype} (B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} P={P}, masked)")
             q = torch.empty(B, Hq, Tq, head_dim, dtype=dtype)
             k, v = torch.empty(B, Hkv, Tk, head_dim, dtype=dtype), torch.empty(B, Hkv, Tk, head_dim, dtype=dtype)
             pk, pv = torch.empty(Hkv, P, head_dim, dtype=dtype), torch.empty(Hkv, P, head_dim, dtype=dtype)
@@ -152,15 +153,15 @@ def main(argv=None) -> int:
             drop = dict(dropout_p=0.1, dropout_seed=torch.tensor(12345))
             variants = (("", 0.0, {}), ("softcap=30.0", 30.0, {}), ("bank: prefix_ids, prefix_lengths", 0.0, bank),
                         ("dropout: dropout_p=0.1", 0.0, drop))
-            for label, softcap, extra in variants:  # plain, SOFTCAP=True, bank with lengths, DROPOUT=True
-                if label:
-                    print(f"  {label}")
+            # plain, SOFTCAP=True, bank with lengths, DROPOUT=True; each causal and full (CAUSAL=False)
+            for (label, softcap, extra), causal in itertools.product(variants, (True, False)):
+                print(f"  {label or 'plain'}, {'causal' if causal else 'full'}")
                 bank_k = pk.unsqueeze(0).expand(2, -1, -1, -1) if "prefix_ids" in extra else pk
                 bank_v = pv.unsqueeze(0).expand(2, -1, -1, -1) if "prefix_ids" in extra else pv
                 try:
-                    out, lse = launch.prefix_attn_fwd(q, k, v, bank_k, bank_v, mask, True, head_dim**-0.5, softcap,
-                                                      **extra)
-                    launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, bank_k, bank_v, mask, out, lse, True,
+                    out, lse = launch.prefix_attn_fwd(q, k, v, bank_k, bank_v, mask, causal, head_dim**-0.5,
+                                                      softcap, **extra)
+                    launch.prefix_attn_bwd(torch.empty_like(q), q, k, v, bank_k, bank_v, mask, out, lse, causal,
                                            head_dim**-0.5, softcap, **extra)
                 except Exception as exc:  # noqa: BLE001 - report every failing configuration
                     failures += 1

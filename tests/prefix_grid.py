@@ -114,6 +114,8 @@ GPU_GRID = [
     Case(1, 2, 3, 1023, 1023, 113, 128, causal=False),  # with the two below: which of D = 96, full, group 3
     Case(1, 2, 3, 1000, 1000, 50, 96),
     Case(2, 4, 2, 1000, 1000, 50, 64, causal=False),
+    Case(4, 12, 1, 512, 512, 64, 64, causal=False, masked=True),  # encoder training (P-Tuning v2 on BERT)
+    Case(2, 8, 2, 300, 1024, 32, 128, causal=False),  # cross-attention: fewer queries than keys, full
     Case(2, 4, 2, 777, 777, 64, 128, masked=True, softcap=2.0),
     Case(2, 12, 1, 1, 1024, 200, 64, softcap=1.0),
     Case(4, 12, 1, 1024, 1024, 200, 64, masked=True, dropout=0.1),

@@ -110,28 +110,30 @@ def _prefix_attn_bwd_dkdv_kernel(
               HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
+    full_lo = 0
+    if CAUSAL:  # the blocks that cross the diagonal: only compiled when causal (with CAUSAL=False their count is
+        # the constant 0, and a loop dividing by it pipelines into copies from poison addresses: the first GPU crash)
         lo = tl.maximum(0, start_n - DIAG) // BLOCK_M * BLOCK_M  # first block with a query that sees start_n
         full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - DIAG), BLOCK_M) * BLOCK_M  # sees all BLOCK_N
-    else:
-        lo = 0
-        full_lo = 0
-    n_diag = tl.cdiv(tl.maximum(tl.minimum(full_lo, Tq) - lo, 0), BLOCK_M)
+        n_diag = tl.cdiv(tl.maximum(tl.minimum(full_lo, Tq) - lo, 0), BLOCK_M)
+        per_head = tl.maximum(n_diag, 1)  # never a division by 0, even in code the pipeliner hoists
+        for u in range(0, GROUP * n_diag):
+            h = hk * GROUP + u // per_head
+            start_m = lo + (u % per_head) * BLOCK_M
+            q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
+                                                  stride_qb, stride_qh, stride_qm, stride_qd,
+                                                  stride_dob, stride_doh, stride_dom, stride_dod, stride_lb,
+                                                  stride_lh, HEAD_DIM, BLOCK_M, BLOCK_D)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            visible_t = offs_n[:, None] <= offs_m[None, :] + DIAG
+            dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
+                                  seed, b, h, start_m, P + offs_n, drop_thr, drop_scale, True, PRECISION, SOFTCAP,
+                                  DROPOUT)
     n_full = tl.cdiv(tl.maximum(Tq - full_lo, 0), BLOCK_M)
-    for u in range(0, GROUP * n_diag):
-        h = hk * GROUP + u // n_diag
-        start_m = lo + (u % n_diag) * BLOCK_M
-        q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
-                                              stride_qb, stride_qh, stride_qm, stride_qd,
-                                              stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
-                                              HEAD_DIM, BLOCK_M, BLOCK_D)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        visible_t = offs_n[:, None] <= offs_m[None, :] + DIAG
-        dk, dv = _bwd_kv_step(dk, dv, k, v, q, do, lse2, delta, visible_t, qk_scale, cap_in, cap_out,
-                              seed, b, h, start_m, P + offs_n, drop_thr, drop_scale, True, PRECISION, SOFTCAP, DROPOUT)
+    per_head_full = tl.maximum(n_full, 1)
     for u in range(0, GROUP * n_full):
-        h = hk * GROUP + u // n_full
-        start_m = full_lo + (u % n_full) * BLOCK_M
+        h = hk * GROUP + u // per_head_full
+        start_m = full_lo + (u % per_head_full) * BLOCK_M
         q, do, lse2, delta = _load_query_side(Q, DO, LSE, DELTA, b, h, start_m, q_row0, Tq,
                                               stride_qb, stride_qh, stride_qm, stride_qd,
                                               stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh,
@@ -198,7 +200,7 @@ def _prefix_attn_bwd_dprefix_kernel(
               HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    num_m = tl.cdiv(Tq, BLOCK_M)
+    num_m = tl.maximum(tl.cdiv(Tq, BLOCK_M), 1)  # a divisor below: never 0
     u_lo = split * UNITS_PER_SPLIT
     u_hi = tl.minimum(units, u_lo + UNITS_PER_SPLIT)
     if HAS_LENS:  # a block wholly past the entry's length has zero gradient: skip its work

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in two calls that fit one short lease of a GPU machine (one call of <= 10 minutes each):
+# The GPU check in two calls of at most 10 minutes each on one GPU machine:
 #
 #   bash benchmarks/gpu_check.sh --stage 1             # GPU tests, decode check, GPT-2 and Llama timing (~5 min)
 #   bash benchmarks/gpu_check.sh --stage 2             # at once after stage 1, on the same machine: triage of the
@@ -8,8 +8,8 @@
 #
 # No install and no C++ build: the package runs from this tree (PYTHONPATH) and PREFIX_ATTN_NO_JIT=1 keeps the
 # CPU kernel from compiling. Every step runs under its own timeout; the timeouts of a stage sum to at most
-# its limit (STAGE_LIMIT below, checked by tests/test_benchmarks.py), so a stage ends well inside one call.
-# After every step its files are copied to $OUT (what a GPU call brings back, at most 8 files): log.txt (the whole
+# its limit (STAGE_LIMIT below, checked by tests/test_gpu_check.py), so a stage ends well inside one call.
+# After every step its files are copied to $OUT (the folder a remote run brings back): log.txt (the whole
 # output, live), summary.md (one line per step), the step's key files and results.tar.gz (everything so far),
 # so a call cut short still brings back what finished. A copy stays in $WORK for stage 2 (same machine, warm).
 # Set PREFIX_ATTN_COMMIT to the commit being run (the tree there has no .git): it goes into every result.

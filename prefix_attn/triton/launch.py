@@ -24,14 +24,18 @@ import torch
 import triton
 
 from .. import checks, dropout
-from . import tuning
-from .kernels import LOG2E, _prefix_attn_bwd_preprocess_kernel, _prefix_attn_fwd_kernel
-from .kernels_bwd import (
-    _prefix_attn_bwd_dkdv_kernel,
-    _prefix_attn_bwd_dprefix_kernel,
-    _prefix_attn_bwd_dq_kernel,
-    _prefix_attn_reduce_kernel,
-)
+from . import kernels, kernels_bwd, tuning
+from .fastlaunch import FastKernel
+from .kernels import LOG2E
+
+# every launch goes through fastlaunch: Triton's JIT on a specialisation's first launch, then its compiled kernel
+# called directly (~50 us of host time less a launch; PREFIX_ATTN_FAST_LAUNCH=0 turns it off)
+_prefix_attn_fwd_kernel = FastKernel(kernels._prefix_attn_fwd_kernel)
+_prefix_attn_bwd_preprocess_kernel = FastKernel(kernels._prefix_attn_bwd_preprocess_kernel)
+_prefix_attn_bwd_dkdv_kernel = FastKernel(kernels_bwd._prefix_attn_bwd_dkdv_kernel)
+_prefix_attn_bwd_dprefix_kernel = FastKernel(kernels_bwd._prefix_attn_bwd_dprefix_kernel)
+_prefix_attn_bwd_dq_kernel = FastKernel(kernels_bwd._prefix_attn_bwd_dq_kernel)
+_prefix_attn_reduce_kernel = FastKernel(kernels_bwd._prefix_attn_reduce_kernel)
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid.y, which carries batch * heads
 PREFIX_BLOCK_MAX = 64  # prefix tiles of the dprefix kernel: max(16, next_pow2(P)) up to this

@@ -7,6 +7,11 @@ place (its version counter moved). A model that passes the same ids / lengths / 
 thus pays one read per forward, not one per layer. :func:`trust` marks a tensor the package made itself as
 checked for good (inference tensors have no version counter, so only trusted ones are memoised).
 
+Shape and type checks are memoised per signature: they read only each argument's type, shape, dtype and device
+(and the scalars' types and values), so arguments that agree in all of those with a call that passed pass too. The
+signatures that passed are kept (a bounded set; a failure is never kept), and a model's layers, which share one,
+pay for the checks once per new shape, not once per layer.
+
 The C++ kernel repeats the checks that protect memory (it reads CPU tensors, where that is free).
 """
 
@@ -240,9 +245,65 @@ def _check_dtypes(q, named) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share a device")
 
 
+# ---------------------------------------------------------------------------------------------- signatures
+_SIGNATURE_LIMIT = 64  # a model has a few (training, evaluation, each decode length): kept until this many
+_passed: dict = {}
+
+
+def _passed_before(key) -> bool:
+    """Whether the signature ``key`` passed the checks before (False for None, or one that cannot be hashed)."""
+    try:
+        return key is not None and key in _passed
+    except TypeError:  # unhashable: symbolic sizes (a SymInt), a list for softcap, ...
+        return False
+
+
+def _remember(key) -> None:
+    """Keep a signature that passed (after the checks, never before: a failure is not kept)."""
+    if key is None:
+        return
+    if len(_passed) >= _SIGNATURE_LIMIT:
+        _passed.clear()
+    try:
+        _passed[key] = True
+    except TypeError:  # unhashable: not kept
+        pass
+
+
+def _padded_key(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths,
+                causal):
+    """What ``check_padded`` reads of its arguments, as a tuple (None under torch.compile, whose tracer sees the
+    checks, or for an argument without a tensor's attributes, which the checks refuse)."""
+    if torch.compiler.is_compiling():
+        return None
+    m, i, n = attention_mask, prefix_ids, prefix_lengths
+    try:
+        return ("padded", type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
+                type(v), v.shape, v.dtype, v.device, type(prefix_k), prefix_k.shape, prefix_k.dtype, prefix_k.device,
+                type(prefix_v), prefix_v.shape, prefix_v.dtype, prefix_v.device,
+                None if m is None else (type(m), m.shape, m.dtype, m.device),
+                None if i is None else (type(i), i.shape, i.dtype, i.device),
+                None if n is None else (type(n), n.shape, n.dtype, n.device),
+                type(softmax_scale), type(softcap), softcap, causal)
+    except AttributeError:
+        return None
+
+
 def check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap=0.0, prefix_ids=None,
                  prefix_lengths=None, causal=True) -> None:
-    """prefix_attention's arguments: TypeError/ValueError naming the argument and the expected shape."""
+    """prefix_attention's arguments: TypeError/ValueError naming the argument and the expected shape (once per
+    signature that passes, see the module docstring)."""
+    key = _padded_key(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids,
+                      prefix_lengths, causal)
+    if _passed_before(key):
+        return
+    _check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths,
+                  causal)
+    _remember(key)
+
+
+def _check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths,
+                  causal) -> None:
     named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     _check_tensors(named)
     if q.dim() != 4:
@@ -281,9 +342,39 @@ def check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, sof
     check_softcap(softcap)
 
 
+def _packed_key(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_scale, softcap, prefix_ids,
+                prefix_lengths):
+    """What ``check_packed`` reads of its arguments, as a tuple (None as in ``_padded_key``)."""
+    if torch.compiler.is_compiling():
+        return None
+    i, n = prefix_ids, prefix_lengths
+    try:
+        return ("packed", type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
+                type(v), v.shape, v.dtype, v.device, type(prefix_k), prefix_k.shape, prefix_k.dtype, prefix_k.device,
+                type(prefix_v), prefix_v.shape, prefix_v.dtype, prefix_v.device,
+                type(cu_q), cu_q.shape, cu_q.dtype, cu_q.device, type(cu_k), cu_k.shape, cu_k.dtype, cu_k.device,
+                None if i is None else (type(i), i.shape, i.dtype, i.device),
+                None if n is None else (type(n), n.shape, n.dtype, n.device),
+                type(max_q), max_q, type(max_k), max_k, type(softmax_scale), type(softcap), softcap)
+    except AttributeError:
+        return None
+
+
 def check_packed(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_scale, softcap=0.0,
                  prefix_ids=None, prefix_lengths=None) -> None:
-    """prefix_attention_varlen's arguments (shapes and types; the offsets' values in :func:`check_offsets`)."""
+    """prefix_attention_varlen's arguments (shapes and types, once per signature that passes; the offsets' values
+    in :func:`check_offsets`)."""
+    key = _packed_key(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_scale, softcap, prefix_ids,
+                      prefix_lengths)
+    if _passed_before(key):
+        return
+    _check_packed(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_scale, softcap, prefix_ids,
+                  prefix_lengths)
+    _remember(key)
+
+
+def _check_packed(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_scale, softcap, prefix_ids,
+                  prefix_lengths) -> None:
     named = (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     _check_tensors(named)
     if q.dim() != 3:

@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 
 from .. import checks, dropout
 from . import kernels, kernels_bwd, tuning
@@ -44,6 +43,10 @@ MIN_UNITS_PER_SPLIT = 8  # query blocks per split of the prefix reduction, at le
 
 def _interpreting() -> bool:
     return tuning.interpreting()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function in Triton 3.9: ~3 us of host time a call
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -73,9 +76,15 @@ def _check_grid(batch: int, heads: int) -> None:
                          f"split the batch")
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it q's (models sharded over several GPUs)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it q's (models sharded over several GPUs). Entering
+    ``torch.cuda.device`` costs a few us of host time a call, so only when q is on another device."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(t.device)
 
 
 def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float,
@@ -137,15 +146,15 @@ class _Layout:
 
 
 class _Bank:
-    """The prefix as the kernels see it: a bank [N, Hkv, P, D] (a shared prefix is N = 1) and the per-row
-    descriptor tensors (int32 ids [B], lengths [N]), with dummies where a switch is off."""
+    """The prefix as the kernels see it: ``k`` / ``v`` a bank [N, Hkv, P, D], or a shared prefix [Hkv, P, D] read as
+    the bank's one entry (``strides()`` gives it an entry stride of 0), and the per-row descriptor tensors (int32 ids
+    [B], lengths [N]), with dummies where a switch is off."""
 
     def __init__(self, prefix_k, prefix_v, prefix_ids, prefix_lengths, q):
         self.shared = prefix_ids is None
-        self.prefix_k, self.prefix_v = prefix_k, prefix_v
-        self.k = prefix_k.unsqueeze(0) if self.shared else prefix_k
-        self.v = prefix_v.unsqueeze(0) if self.shared else prefix_v
-        self.entries, self.num_prefix = self.k.shape[0], self.k.shape[2]
+        self.prefix_k, self.prefix_v = self.k, self.v = prefix_k, prefix_v
+        self.entries = 1 if self.shared else prefix_k.shape[0]
+        self.num_prefix = prefix_k.shape[-2]
         # the same ids / lengths tensors in every layer of a forward: converted (and grouped) once
         self.ids = None if self.shared else checks.memo(prefix_ids, "int32", lambda: _int32(prefix_ids))
         self.lengths = (None if prefix_lengths is None
@@ -155,6 +164,9 @@ class _Bank:
         self.lengths_arg = q if self.lengths is None else self.lengths
 
     def strides(self):
+        """(entry, head, row, dim) strides of k, then of v; a shared prefix is the one entry (stride 0)."""
+        if self.shared:
+            return (0, *self.k.stride(), 0, *self.v.stride())
         return (*self.k.stride(), *self.v.stride())
 
     def flags(self):
@@ -209,7 +221,7 @@ def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, cau
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
 
     def run(cfg: tuning.Blocks):
-        grid = (triton.cdiv(len_q, cfg.block_m), batch * heads_q)
+        grid = (_cdiv(len_q, cfg.block_m), batch * heads_q)
         _prefix_attn_fwd_kernel[grid](
             q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k, drop.seed, out, lse,
             *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *mask_strides, *lay.s(out), *lay.lse_strides(),
@@ -281,12 +293,12 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
     dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap, group) + ((True,) if drop.on else ())
     flags = dict(PRECISION=precision, SOFTCAP=has_cap, HEAD_DIM=head_dim, BLOCK_D=bd)
-    lse = lse.contiguous()
+    lse = lse if lse.is_contiguous() else lse.contiguous()  # an aten call even when it is a no-op
 
     delta = torch.empty_like(lse)
     pre_m = 64 if not _interpreting() else 16
     pre_batch, pre_rows = lay.rows()  # packed: one "row" of total_q queries
-    _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, pre_m), pre_batch * heads_q)](
+    _prefix_attn_bwd_preprocess_kernel[(_cdiv(pre_rows, pre_m), pre_batch * heads_q)](
         out, dout, delta, *lay.s(out), *lay.s(dout), heads_q, pre_rows,
         HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
@@ -295,7 +307,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
 
     if need_dkv:
         def run_dkdv(cfg: tuning.Blocks):
-            _prefix_attn_bwd_dkdv_kernel[(triton.cdiv(len_k, cfg.block_n), batch * heads_kv)](
+            _prefix_attn_bwd_dkdv_kernel[(_cdiv(len_k, cfg.block_n), batch * heads_kv)](
                 q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, drop.seed, dk, dv,
                 *lay.s(q), *lay.s(k), *lay.s(v), *lay.s(dout), *mask_strides, *lay.s(dk), *lse_strides,
                 heads_q, heads_kv, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
@@ -314,11 +326,11 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
             used = entry.numel()
 
         def run_dprefix(cfg: tuning.Blocks):
-            units = max_rows * group * triton.cdiv(len_q, cfg.block_m)  # of the busiest entry
+            units = max_rows * group * _cdiv(len_q, cfg.block_m)  # of the busiest entry
             pieces = _prefix_pieces(num_prefix, min(cfg.block_n, PREFIX_BLOCK_MAX))
             programs = sum(n for _, _, n in pieces) * heads_kv * used
-            per_split = triton.cdiv(units, _prefix_splits(units, programs, q.device))
-            splits = triton.cdiv(units, per_split)
+            per_split = _cdiv(units, _prefix_splits(units, programs, q.device))
+            splits = _cdiv(units, per_split)
             per_entry = heads_kv * num_prefix * head_dim
             numel = used * per_entry
             split_stride = -(-numel // 16) * 16  # rows of the partials 64-byte aligned: vector loads in the reduction
@@ -336,7 +348,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
             reduce_block = 1024 if not _interpreting() else 256
-            _prefix_attn_reduce_kernel[(triton.cdiv(numel, reduce_block),)](
+            _prefix_attn_reduce_kernel[(_cdiv(numel, reduce_block),)](
                 partial_k, partial_v, dpk, dpv, entry, splits, split_stride, numel, per_entry, HAS_IDS=not bank.shared,
                 BLOCK=reduce_block,
             )
@@ -344,7 +356,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
         run_dprefix(tuning.config("dprefix", q.dtype, head_dim, dims + (batch,), q.device, run_dprefix))
     if need_dq:
         def run_dq(cfg: tuning.Blocks):
-            _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q, cfg.block_m), batch * heads_q)](
+            _prefix_attn_bwd_dq_kernel[(_cdiv(len_q, cfg.block_m), batch * heads_q)](
                 q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
                 drop.seed, dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides,
                 *lay.s(dq), *lse_strides,

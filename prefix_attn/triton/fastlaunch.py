@@ -15,9 +15,10 @@ after that the key is built here, in Python, from the same facts Triton speciali
 The key, per kernel and call shape (how many positional arguments, which keywords in which order, the type of
 every argument): the current device (as the JIT's per-device cache), the values of constexpr arguments and of
 launch options, and for every runtime argument what Triton 3.6 to 3.9 specialise on (``native_specialize_impl``):
-a tensor's dtype and ``data_ptr() % 16 == 0``; an int's range (i32 / i64 / u64: ``x >> 31``) and, unless the
-parameter is in ``do_not_specialize``, ``x == 1`` and ``x % 16 == 0``; nothing for floats, bools and None (their
-type decides). The key is never coarser than Triton's: two calls with one key get one compiled kernel. A call
+a tensor's dtype and 16-byte alignment (``data_ptr() % 16``); an int's range (i32 / i64 / u64) and, unless the
+parameter is in ``do_not_specialize``, ``x == 1`` and ``x % 16 == 0`` (keyed as the value below 17, the residue mod
+16 up to 2**31, the value above); nothing for floats, bools and None (their type decides). The key is never coarser
+than Triton's: two calls with one key get one compiled kernel (a finer key costs a JIT call, not a compile). A call
 shape with an argument of another kind (a tuple, a tensor descriptor), and a kernel with ``pre_run_hooks``, always
 take the JIT path. The launcher gets every parameter's value in order, defaults filled in, as from the JIT.
 
@@ -107,12 +108,16 @@ def _fact_source(name: str, kind: type, specialise: bool) -> Optional[str]:
     None if its kind is not supported."""
     import torch  # noqa: PLC0415
 
-    if issubclass(kind, torch.Tensor):
-        return f"{name}.dtype, {name}.data_ptr() & 15 == 0, "
+    if issubclass(kind, torch.Tensor):  # the address mod 16: finer than Triton's "divisible by 16", as cheap
+        return f"{name}.dtype, {name}.data_ptr() & 15, "
     if kind is bool or kind is float or kind is type(None):
         return ""
-    if kind is int:  # the range (i32 when x >> 31 is 0 or -1), then x == 1 and x % 16 == 0
-        return f"({name} >> 31) * 4 + ({name} & 15 == 0) * 2 + ({name} == 1), " if specialise else f"{name} >> 31, "
+    if kind is int:
+        if not specialise:  # the range only: i32 when x >> 31 is 0 or -1
+            return f"{name} >> 31, "
+        # below 17 the value itself (1 is a constexpr to Triton), then the residue mod 16 while i32, above the
+        # value: finer than Triton's (range, == 1, % 16 == 0) and half the cost of computing exactly those
+        return f"{name} if {name} < 17 else ({name} & 15) + 32 if {name} < 0x80000000 else ({name},), "
     return None
 
 

@@ -41,6 +41,9 @@ def _pick_backend(q: torch.Tensor, backend: Optional[str]) -> str:
     return backends.resolve(q.device.type, backend)
 
 
+_NO_SCOPE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def autocast_inputs(q, k, v, prefix_k, prefix_v):
     """Under ``torch.autocast`` on q's device type: q, k, v and the prefix cast to the autocast dtype (floating
     tensors other than float64), as SDPA's inputs are, and a context that turns autocast off for the op; else the
@@ -48,9 +51,9 @@ def autocast_inputs(q, k, v, prefix_k, prefix_v):
     the casts are differentiable, so every gradient (the prefix's too) comes back in its input's own dtype. The
     front doors call it before their checks (which then see one dtype)."""
     tensors = (q, k, v, prefix_k, prefix_v)
-    device_type = q.device.type if isinstance(q, torch.Tensor) else None
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return tensors, contextlib.nullcontext()
+    device_type = ("cuda" if q.is_cuda else "cpu" if q.is_cpu else None) if isinstance(q, torch.Tensor) else None
+    if device_type is None or not torch.is_autocast_enabled(device_type):
+        return tensors, _NO_SCOPE
     dtype = torch.get_autocast_dtype(device_type)
     cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                  else t for t in tensors)
@@ -65,6 +68,7 @@ def _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_q, cu_k, max_q,
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 def _launch_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k,
@@ -117,8 +121,12 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids,
         prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed)
-    # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor
-    return tuple(q.new_empty(0) if g is None else g for g in grads)
+    # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor (one each: outputs
+    # must not alias one another)
+    dq, dk, dv, dpk, dpv = grads
+    return (q.new_empty(0) if dq is None else dq, q.new_empty(0) if dk is None else dk,
+            q.new_empty(0) if dv is None else dv, q.new_empty(0) if dpk is None else dpk,
+            q.new_empty(0) if dpv is None else dpv)
 
 
 @_bwd_op.register_fake
@@ -131,6 +139,19 @@ def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_leng
             like(prefix_v, need_dprefix))
 
 
+def _below_autograd(op, *args):
+    """``op(*args)`` from the autograd Function's forward or backward. There, in eager mode, grad mode is off and
+    the custom op's own autograd kernel (torch.library's, in Python) would only pass the call on to the device
+    kernel: the call skips that dispatch key (about 6 us of host time per op call, a third of the op's dispatch).
+    Dispatch modes and tensor subclasses still see the op (they sit below autograd); torch.compile traces the plain
+    call; a backward with create_graph=True (grad mode on) keeps the autograd kernel, which refuses a double
+    backward as before."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
+
+
 class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention with a fused backward, padded or (with cu_seqlens) packed. Not for direct use: call
     ``prefix_attention`` or ``prefix_attention_varlen``."""
@@ -139,9 +160,9 @@ class PrefixAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, dropout_seed,
                 backend):
-        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q,
-                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p,
-                           dropout_seed, backend)
+        out, lse = _below_autograd(_fwd_op, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths,
+                                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                                   softcap, dropout_p, dropout_seed, backend)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths,
                               cu_seqlens_q, cu_seqlens_k, dropout_seed)
         ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, backend)
@@ -152,10 +173,11 @@ class PrefixAttentionFunction(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, out, lse, mask, ids, lengths, cu_q, cu_k, seed = ctx.saved_tensors
         max_q, max_k, causal, softmax_scale, softcap, dropout_p, backend = ctx.args
         needs = ctx.needs_input_grad
-        grads = _bwd_op(dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse,
-                        causal, softmax_scale, softcap, dropout_p, seed, backend, needs[0], needs[1] or needs[2],
-                        needs[3] or needs[4])
-        return tuple(g if need else None for g, need in zip(grads, needs[:5])) + (None,) * 13
+        dq, dk, dv, dpk, dpv = _below_autograd(
+            _bwd_op, dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,
+            softmax_scale, softcap, dropout_p, seed, backend, needs[0], needs[1] or needs[2], needs[3] or needs[4])
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 13
 
 
 def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, prefix_lengths=None,
@@ -172,8 +194,9 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(torch.bool)
     causal, softcap = bool(causal), float(softcap)
+    compiling = torch.compiler.is_compiling()
     if backend == "torch" or (not packed and q.shape[2] == 0):
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k)
         drop = dict(dropout_p=dropout_p, dropout_seed=None if seed is None else int(seed))
@@ -189,12 +212,13 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
             raise ValueError(f"head_dim={head_dim} is above the Triton kernels' limit of {TRITON_MAX_HEAD_DIM}")
         if q.dtype == torch.float64 and q.is_cuda:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32 on the GPU, got float64")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                              or prefix_k.requires_grad or prefix_v.requires_grad)
     # eager inference (generate()): the launcher itself, without the custom op's and autograd's dispatch (about
     # 25 us a call, more than a decode step's kernel at B = 1); torch.compile and training go through both
     # (plain tensors, no dispatch mode or tracer watching: those see the custom op)
-    direct = (not needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-              and all(type(t) in _PLAIN for t in (q, k, v, prefix_k, prefix_v))
+    direct = (not needs_grad and not compiling and not torch.jit.is_tracing() and type(q) in _PLAIN
+              and type(k) in _PLAIN and type(v) in _PLAIN and type(prefix_k) in _PLAIN and type(prefix_v) in _PLAIN
               and _get_current_dispatch_mode() is None)
     forward = _launch_fwd if direct else _fwd_op
     if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad, backend) and not (

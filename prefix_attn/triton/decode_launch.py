@@ -9,10 +9,11 @@ Shapes as in ``prefix_attention``: q [B, Hq, Tq, D] with few queries (``decode.D
 Returns out like q (contiguous) and lse float32 [B, Hq, Tq] (natural log, +inf for a query that sees no key).
 
 1. ``_prefix_attn_fwd_kernel`` with ``SPLIT_KV``, grid (work items, Hkv): the queries of a kv head are folded
-   (row, query head of the GQA group, query) into tiles of ``block_m = max(16, next_pow2(group * Tq))`` rows (at most
-   the table's tile); a text item is one row's tile against one split of its keys, a prefix item one tile of every
-   row on a prefix entry (a shared prefix: every row) against one split of the prefix, so the prefix is read once
-   per tile, not once per row. Each item writes float32 partials (out, base-2 lse) to a scratch.
+   (row, query head of the GQA group, query) into tiles of ``block_m = max(16, next_pow2(group * Tq))`` rows (at
+   most ``MAX_BLOCK_M``, less at large head dims); a text item is one row's tile against one split of its keys, a
+   prefix item one tile of every row on a prefix entry (a shared prefix: every row) against one split of the
+   prefix, so the prefix is read once per tile, not once per row. Each item writes float32 partials (out, base-2
+   lse) to a scratch.
 2. ``_prefix_attn_combine_kernel`` merges each query's splits by log-sum-exp and writes out in q's dtype and lse.
 
 The split size fills the GPU: about ``PROGRAMS_PER_SM`` text programs per SM, each at least ``MIN_KEYS_PER_SPLIT``
@@ -26,17 +27,23 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from .. import checks
-from . import launch, tuning
-from .kernels import LOG2E, _prefix_attn_combine_kernel
+from . import kernels, launch, tuning
+from .fastlaunch import FastKernel
+from .kernels import LOG2E
+
+_prefix_attn_combine_kernel = FastKernel(kernels._prefix_attn_combine_kernel)
+_cdiv = launch._cdiv
 
 # Not yet timed on a GPU: about 4 programs per SM (FlashDecoding's rule of a few waves), at least 128 keys (two
 # 64-key blocks) per split so that a program's fixed cost (its query tile, its partial's store) stays small.
 PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 128
-MAX_BLOCK_M = 64  # query rows per tile, at most (16-bit; float32 keeps the table's smaller tile)
+# Query rows per tile, at most: 64 at head dims <= 64, halved per doubling above (sm_90 compile report, triton 3.6,
+# 4 warps: a bank's 64 x 64 x 128 tile spills 16 B and 64 x 32 x 256 464 B; 32 x 64 x 128 and 16 x 32 x 256 none).
+# float32 keeps the table's smaller tile.
+MAX_BLOCK_M = 64
 COMBINE_ROWS = 4  # queries per program of the combine kernel
 INTERPRETER_SMS = 2  # the SM count the split rule assumes under TRITON_INTERPRET (small tests get several splits)
 
@@ -76,18 +83,19 @@ def plan(batch: int, heads_kv: int, group: int, len_q: int, len_k: int, num_pref
     prefix_rows = batch if prefix_rows < 0 else prefix_rows
     cfg = tuning.default("fwd", dtype, head_dim)
     per_row = group * len_q
-    block_m = min(max(16, 1 << (per_row - 1).bit_length()), min(MAX_BLOCK_M, cfg.block_m))
+    cap = max(16, MAX_BLOCK_M * 64 // max(64, tuning.block_d(head_dim)))
+    block_m = min(max(16, 1 << (per_row - 1).bit_length()), min(cap, cfg.block_m))
     block_n = cfg.block_n
     if dtype in (torch.float32, torch.float64) and tuning.block_d(head_dim) >= 128:
         block_n = min(block_n, 16)  # sm_90 compile report, float32 D = 128: 16 x 32 tiles spill 312 B, 16 x 16 none
-    tiles = triton.cdiv(per_row, block_m)
-    n_blocks = triton.cdiv(len_k, block_n)
+    tiles = _cdiv(per_row, block_m)
+    n_blocks = _cdiv(len_k, block_n)
     min_blocks = max(1, MIN_KEYS_PER_SPLIT // block_n)
     splits = max(1, min(PROGRAMS_PER_SM * sms // max(1, batch * heads_kv * tiles), n_blocks // min_blocks))
-    keys_per_split = max(triton.cdiv(n_blocks, splits), min_blocks) * block_n
-    prefix_splits = triton.cdiv(num_prefix, keys_per_split) if used else 0
-    text_splits = triton.cdiv(len_k, keys_per_split)
-    prefix_items = used * prefix_splits * triton.cdiv(prefix_rows * per_row, block_m)
+    keys_per_split = max(_cdiv(n_blocks, splits), min_blocks) * block_n
+    prefix_splits = _cdiv(num_prefix, keys_per_split) if used else 0
+    text_splits = _cdiv(len_k, keys_per_split)
+    prefix_items = used * prefix_splits * _cdiv(prefix_rows * per_row, block_m)
     return Plan(block_m, block_n, min(cfg.num_warps, 4), cfg.num_stages, keys_per_split, prefix_splits,
                 text_splits, prefix_items, batch * text_splits * tiles)
 
@@ -140,7 +148,7 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
                 PREFIX_ROWS=prefix_rows, KEYS_PER_SPLIT=p.keys_per_split,
                 num_warps=p.num_warps, num_stages=p.num_stages,
             )
-        _prefix_attn_combine_kernel[(triton.cdiv(n_queries, COMBINE_ROWS),)](
+        _prefix_attn_combine_kernel[(_cdiv(n_queries, COMBINE_ROWS),)](
             part_o, part_l, out, lse, n_queries, p.splits,
             HEAD_DIM=head_dim, BLOCK_R=COMBINE_ROWS, BLOCK_D=block_d, num_warps=2,
         )

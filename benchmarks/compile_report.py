@@ -3,9 +3,9 @@
     python benchmarks/compile_report.py [--arch 90] [--head-dims 64 128 256]
 
 A stand-in driver reports the target architecture and ``JITFunction.run`` is patched to compile without
-launching, so the real launchers in ``prefix_attn/triton/launch.py`` run unchanged on CPU tensors (block sizes
-and argument specialisation are what a real call produces). For each kernel it prints warps, stages, shared
-memory and the ptxas register / stack (spill) report from ``cuobjdump``. A compile error fails the run.
+launching, so the real launchers (``prefix_attn/triton/launch.py``, ``decode_launch.py``) run unchanged on CPU
+tensors (block sizes and argument specialisation are what a real call produces). For each kernel it prints warps,
+stages, shared memory and the ptxas register / stack (spill) report from ``cuobjdump``. A compile error fails the run.
 ``sass`` is the number of SASS instructions in the kernel, ``mma`` how many of them are (H)GMMA/HMMA, ``loops`` the
 instructions / MMA instructions of each loop body that holds an MMA (the per-iteration cost). This proves
 the kernels compile and fit; it says nothing about numerics or speed.
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows: list = []
     install_fake_driver(args.arch, rows)
-    from prefix_attn.triton import launch
+    from prefix_attn.triton import decode_launch, launch
 
     launch._num_sms = lambda index: 132
     failures = 0
@@ -179,6 +179,16 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
+            # SPLIT_KV=True and the combine kernel: query tiles of 16 rows (len_q 1, GQA 2) and up to 32 (len_q 16)
+            print("  decode: split-KV, len_q 1 shared prefix; len_q 16 bank with lengths, softcap")
+            for len_q, softcap, extra in ((1, 0.0, {}), (16, 30.0, bank)):
+                bank_k = pk.unsqueeze(0).expand(2, -1, -1, -1) if extra else pk
+                try:
+                    decode_launch.decode_fwd(torch.empty(B, Hq, len_q, head_dim, dtype=dtype), k, v, bank_k, bank_k,
+                                             mask, True, head_dim**-0.5, softcap, **extra)
+                except Exception as exc:  # noqa: BLE001
+                    failures += 1
+                    print(f"  FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
     spills = [r for r in rows if "STACK:0 " not in r[4] + " "]
     print(f"\n{len(rows)} kernels compiled for sm_{args.arch} with triton {triton.__version__}, {failures} failed; "
           f"max shared memory {max((r[3] for r in rows), default=0)} B; {len(spills)} with a stack frame (spills)")

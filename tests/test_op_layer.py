@@ -133,3 +133,39 @@ def test_double_backward_is_refused():
     dq = torch.autograd.grad(out.square().sum(), args["q"], create_graph=True)[0]
     with pytest.raises(RuntimeError, match=r"no autograd formula"):
         dq.sum().backward()
+
+
+def test_a_model_passed_int_mask_is_cast_once_and_follows_in_place_changes():
+    """An attention layer given a 0/1 integer key mask (not the mask function's bool one) casts it once for all the
+    layers that share it, and again after it is changed in place."""
+    transformers = pytest.importorskip("transformers")
+    from prefix_attn.integrations import attention as hf
+
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = prefix_attn.enable(transformers.LlamaForCausalLM(config), prefix_attn.PrefixTuning(config, 3))
+    layers = [layer.self_attn for layer in model.model.layers]
+    q, kv = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    casts = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        casts.append(self is mask)
+        return to(self, *args, **kwargs)
+
+    def run(attn, m):
+        return hf.prefix_attention_forward(attn, q, kv, kv, m, scaling=0.3)[0]
+
+    with torch.no_grad():
+        want = [run(attn, mask.bool()) for attn in layers]
+        torch.Tensor.to = spy
+        try:
+            got = [run(attn, mask) for attn in layers]
+        finally:
+            torch.Tensor.to = to
+        assert sum(casts) == 1
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        mask[1, :2] = 1  # in place: the memoised cast is stale
+        torch.testing.assert_close(run(layers[0], mask), run(layers[0], mask.bool()))

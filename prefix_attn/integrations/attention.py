@@ -251,7 +251,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
             raise ValueError(f"prefix_attn got an attention mask of shape {tuple(mask.shape)}; expected "
                              f"[batch={query.shape[0]}, len_k={len_k}]")
         if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(torch.bool)
+            # a 0/1 mask the model passed itself: the same tensor in every layer, cast once (the mask function's
+            # masks are bool already, and nothing below casts a bool mask again)
+            mask = checks.memo(mask, "bool", lambda: mask.to(torch.bool))
     out = prefix_attention(query, key, value, pk, pv, causal=causal, softmax_scale=scaling, attention_mask=mask,
                            softcap=float(softcap), dropout_p=dropout_p,
                            **binding.bank_args(query.shape[0], query.device))

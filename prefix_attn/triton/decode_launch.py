@@ -24,6 +24,7 @@ tensor (memoised, ``checks.group_rows``).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -100,6 +101,18 @@ def plan(batch: int, heads_kv: int, group: int, len_q: int, len_k: int, num_pref
                 text_splits, prefix_items, batch * text_splits * tiles)
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(args: tuple, constants: tuple) -> Plan:
+    return plan(*args)
+
+
+def _plan(*args) -> Plan:
+    """``plan(*args)``, once per shape and setting (the module's constants and the tile table's state are part of
+    the key: tests change them)."""
+    return _cached_plan(args, (PROGRAMS_PER_SM, MIN_KEYS_PER_SPLIT, MAX_BLOCK_M, tuning.interpreting(),
+                               tuning.gpu_tiles()))
+
+
 def _row_plan(bank: launch._Bank):
     """(ROW_PLAN int32 [3 U + B], U, the most rows on one entry) of a bank, once per prefix_ids tensor."""
     def build():
@@ -121,25 +134,24 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
         flags = dict(HAS_IDS=False, HAS_LENS=False) if bank.num_prefix == 0 else bank.flags()
         if flags["HAS_IDS"]:
             row_plan, used, prefix_rows = _row_plan(bank)
-        p = plan(batch, heads_kv, heads_q // heads_kv, len_q, len_k, bank.num_prefix, q.dtype, head_dim,
-                 _sms(q.device), used, prefix_rows)
+        p = _plan(batch, heads_kv, heads_q // heads_kv, len_q, len_k, bank.num_prefix, q.dtype, head_dim,
+                  _sms(q.device), used, prefix_rows)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
         n_queries = batch * heads_q * len_q
         if n_queries == 0:
             return out, lse.fill_(float("inf"))
-        # one scratch: the partial outputs [splits, B, Hq, Tq, D], then their lse [splits, B, Hq, Tq]
-        scratch = torch.empty(p.splits * n_queries * (head_dim + 1), dtype=torch.float32, device=q.device)
-        part_o = scratch[: p.splits * n_queries * head_dim].view(p.splits, batch, heads_q, len_q, head_dim)
-        part_l = scratch[p.splits * n_queries * head_dim:].view(p.splits, batch, heads_q, len_q)
+        # one scratch: the partial outputs [splits, B, Hq, Tq, D], then their lse [splits, B, Hq, Tq], contiguous
+        part_o = torch.empty(p.splits * n_queries * (head_dim + 1), dtype=torch.float32, device=q.device)
+        part_l = part_o[p.splits * n_queries * head_dim:]
         mask, mask_strides, has_mask = launch._mask_args(attention_mask, q)
         cap_in, cap_out, has_cap = launch._softcap_args(softmax_scale, softcap)
         block_d = tuning.block_d(head_dim)
         if p.prefix_items + p.text_items:
             launch._prefix_attn_fwd_kernel[p.grid(heads_kv)](  # the launcher's (fast launch) path
                 q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, q, q, q, part_o, part_l,
-                *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides, *part_o.stride()[1:],
-                *part_l.stride()[1:3],
+                *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides,
+                heads_q * len_q * head_dim, len_q * head_dim, head_dim, 1, heads_q * len_q, len_q,  # the scratch
                 heads_q, heads_q // heads_kv, len_q, len_k, bank.num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
                 0, 1.0,
                 CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=launch._precision(q.dtype), SOFTCAP=has_cap,

@@ -116,11 +116,9 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             lse: torch.Tensor, causal: bool, softmax_scale: float, softcap: float, dropout_p: float,
             dropout_seed: Optional[torch.Tensor], backend: str, need_dq: bool, need_dkv: bool,
             need_dprefix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = backends.module(backend).prefix_attn_bwd(
-        dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, softmax_scale, softcap,
-        need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=prefix_ids,
-        prefix_lengths=prefix_lengths, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    grads = _launch_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, softmax_scale, softcap, dropout_p,
+                        dropout_seed, backend, need_dq, need_dkv, need_dprefix)
     # custom ops return tensors, never None: an unneeded gradient comes back as an empty tensor (one each: outputs
     # must not alias one another)
     dq, dk, dv, dpk, dpv = grads
@@ -140,29 +138,54 @@ def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_leng
 
 
 def _below_autograd(op, *args):
-    """``op(*args)`` from the autograd Function's forward or backward. There, in eager mode, grad mode is off and
-    the custom op's own autograd kernel (torch.library's, in Python) would only pass the call on to the device
-    kernel: the call skips that dispatch key (about 6 us of host time per op call, a third of the op's dispatch).
-    Dispatch modes and tensor subclasses still see the op (they sit below autograd); torch.compile traces the plain
-    call; a backward with create_graph=True (grad mode on) keeps the autograd kernel, which refuses a double
-    backward as before."""
+    """``op(*args)`` from the autograd Function's forward or backward when a dispatch mode, a tensor subclass or a
+    tracer must see the op (see :func:`_direct`). There, in eager mode, grad mode is off and the custom op's own
+    autograd kernel (torch.library's, in Python) would only pass the call on to the device kernel: the call skips
+    that dispatch key (about 6 us of host time per op call). Dispatch modes and tensor subclasses still see the op
+    (they sit below autograd); torch.compile traces the plain call; a backward with create_graph=True (grad mode
+    on) keeps the autograd kernel, which refuses a double backward as before."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
 
 
+def _direct(a, b, c, d, e) -> bool:
+    """Whether the autograd Function (or eager inference) may call the launcher itself, without the custom op's
+    dispatch (about 8 us of host time per op call): grad mode off (a backward with create_graph=True keeps the op,
+    whose autograd kernel refuses a double backward), not compiling or tracing, plain tensors, no dispatch mode.
+    Everything that can watch a call (torch.compile, jit tracing, dispatch modes, tensor subclasses) sees the
+    custom ops."""
+    return (type(a) in _PLAIN and type(b) in _PLAIN and type(c) in _PLAIN and type(d) in _PLAIN
+            and type(e) in _PLAIN and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def _launch_bwd(dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,
+                softmax_scale, softcap, dropout_p, seed, backend, need_dq, need_dkv, need_dprefix):
+    """The backward op's launcher call -> (dq, dk, dv, dprefix_k, dprefix_v), None where not needed."""
+    return backends.module(backend).prefix_attn_bwd(
+        dout, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, softmax_scale, softcap,
+        need_dq=need_dq, need_dkv=need_dkv, need_dprefix=need_dprefix, prefix_ids=ids, prefix_lengths=lengths,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=dropout_p,
+        dropout_seed=seed)
+
+
 class PrefixAttentionFunction(torch.autograd.Function):
     """Fused prefix attention with a fused backward, padded or (with cu_seqlens) packed. Not for direct use: call
-    ``prefix_attention`` or ``prefix_attention_varlen``."""
+    ``prefix_attention`` or ``prefix_attention_varlen``. In eager mode with plain tensors forward and backward call
+    the launchers themselves; otherwise (see :func:`_direct`) the custom ops."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q,
                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, dropout_seed,
                 backend):
-        out, lse = _below_autograd(_fwd_op, q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths,
-                                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                                   softcap, dropout_p, dropout_seed, backend)
+        args = (q, k, v, prefix_k, prefix_v, attention_mask, prefix_ids, prefix_lengths, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, dropout_seed, backend)
+        if _direct(q, k, v, prefix_k, prefix_v):
+            out, lse = _launch_fwd(*args)
+        else:
+            out, lse = _below_autograd(_fwd_op, *args)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attention_mask, prefix_ids, prefix_lengths,
                               cu_seqlens_q, cu_seqlens_k, dropout_seed)
         ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, dropout_p, backend)
@@ -173,9 +196,12 @@ class PrefixAttentionFunction(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, out, lse, mask, ids, lengths, cu_q, cu_k, seed = ctx.saved_tensors
         max_q, max_k, causal, softmax_scale, softcap, dropout_p, backend = ctx.args
         needs = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = _below_autograd(
-            _bwd_op, dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,
-            softmax_scale, softcap, dropout_p, seed, backend, needs[0], needs[1] or needs[2], needs[3] or needs[4])
+        args = (dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,
+                softmax_scale, softcap, dropout_p, seed, backend, needs[0], needs[1] or needs[2], needs[3] or needs[4])
+        if type(dout) in _PLAIN and _direct(q, k, v, prefix_k, prefix_v):
+            dq, dk, dv, dpk, dpv = _launch_bwd(*args)
+        else:
+            dq, dk, dv, dpk, dpv = _below_autograd(_bwd_op, *args)
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 13
 

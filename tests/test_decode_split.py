@@ -64,9 +64,8 @@ def _plan(case, dtype, q, extra):
                               case.head_dim, decode_launch._sms(q.device), used, rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", SPLIT_GRID, ids=str)
-def test_split_decode_grid(case, dtype, small_splits, monkeypatch):
+def _check(case, dtype, monkeypatch):
+    """The op on the case's inputs (no gradient) against the float64 reference, by the grid's rule; -> its plan."""
     taken = _spy(monkeypatch)
     q, k, v, pk, pv, mask, _ = make_inputs(case, dtype, DEVICE)
     extra = case_args(case, DEVICE)
@@ -79,12 +78,50 @@ def test_split_decode_grid(case, dtype, small_splits, monkeypatch):
         plain = reference_fn(dtype, case.softcap, **extra)(q, k, v, pk, pv, causal=case.causal,
                                                            attention_mask=mask)
     assert taken, "the split-KV decode path was not taken"
-    plan = _plan(case, dtype, q, extra)
-    assert plan.text_splits == -(-case.len_k // 16) and plan.prefix_splits == -(-case.num_prefix // 16)
     assert got.dtype == dtype and got.shape == q.shape and torch.isfinite(got).all()
     err = (got.double() - want).abs().max().item()
     bound = 2.0 * (plain.double() - want).abs().max().item() + FLOOR[dtype] * max(1.0, want.abs().max().item())
     assert err <= bound, f"{case} {dtype_id(dtype)}: max error {err:.3e} > bound {bound:.3e}"
+    return _plan(case, dtype, q, extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SPLIT_GRID, ids=str)
+def test_split_decode_grid(case, dtype, small_splits, monkeypatch):
+    plan = _check(case, dtype, monkeypatch)
+    assert plan.text_splits == -(-case.len_k // 16) and plan.prefix_splits == -(-case.num_prefix // 16)
+
+
+# The tiles a GPU compiles (BLOCK_N 64 or 32, query tiles of 16 / 32 rows), one key block a split: a prefix of a full
+# 64-key block and a ragged tail, five text splits (the last of 44 keys); a bank with lengths at len_q 16 and
+# D = 128; a masked head dim in float32
+GPU_TILE_CASES = [
+    (Case(3, 2, 4, 1, 300, 70, 64, masked=True), torch.bfloat16),
+    (Case(2, 1, 2, 16, 130, 40, 128, entries=3, lengths=True, softcap=5.0), torch.float16),
+    (Case(2, 2, 1, 3, 100, 17, 40, causal=False, masked=True), torch.float32),
+]
+
+
+@pytest.mark.parametrize("case,dtype", GPU_TILE_CASES, ids=[f"{c}-{dtype_id(d)}" for c, d in GPU_TILE_CASES])
+def test_split_decode_with_gpu_tiles(case, dtype, monkeypatch):
+    """The GPU's tiles under the interpreter (every load and store inside its tensors there: a stray address reads
+    host memory silently where a GPU faults)."""
+    import contextlib
+
+    from oob import bounds_checked
+
+    from prefix_attn.triton import tuning
+
+    monkeypatch.setattr(decode_launch, "PROGRAMS_PER_SM", 1024)
+    monkeypatch.setattr(decode_launch, "MIN_KEYS_PER_SPLIT", 16)
+    tuning.gpu_tiles(True)
+    try:
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        with bounds_checked() if interpreting else contextlib.nullcontext():
+            plan = _check(case, dtype, monkeypatch)
+    finally:
+        tuning.gpu_tiles(False)
+    assert plan.block_n >= 32 and plan.text_splits == -(-case.len_k // plan.block_n)
 
 
 def test_the_grid_runs_several_splits_and_tiles(small_splits):

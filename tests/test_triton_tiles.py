@@ -124,6 +124,7 @@ def test_autotune_picks_fastest_and_caches(tmp_path, monkeypatch):
     cache = tmp_path / "tune.json"
     monkeypatch.setenv("PREFIX_ATTN_AUTOTUNE", "1")
     monkeypatch.setenv("PREFIX_ATTN_AUTOTUNE_CACHE", str(cache))
+    assert tuning.set_autotune(None)  # the environment is read at import and by set_autotune
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake-gpu")
     cands = tuning.candidates("fwd", torch.float16, 64)
     fastest = cands[len(cands) // 2]
@@ -150,6 +151,7 @@ def test_autotune_picks_fastest_and_caches(tmp_path, monkeypatch):
     assert len(timed) == len(cands)
     tuning.clear_cache()
     monkeypatch.setenv("PREFIX_ATTN_AUTOTUNE", "0")
+    assert not tuning.set_autotune(None)
     assert tuning.config("fwd", torch.float16, 64, dims, device, run=lambda cfg: cfg) == tuning.default(
         "fwd", torch.float16, 64)
 
@@ -193,3 +195,24 @@ def test_bounds_check_catches_a_stray_access():
         copy[(1,)](x, y, 41, BLOCK=64)  # one element past x
     assert isinstance(info.value, OutOfBounds) or "OutOfBounds" in str(info.value)
     assert "1 of 41 active lanes" in str(info.value)
+
+
+def test_config_memo_follows_the_setters():
+    """The memoised table choice changes with override() and gpu_tiles(), and comes back after them."""
+    cpu = torch.device("cpu")
+    dims = (300, 300, 10, True, False, False)
+    base = tuning.config("dq", torch.float16, 64, dims, cpu)
+    assert base == tuning.default("dq", torch.float16, 64)
+    tuning.override(lambda kernel, cfg: cfg._replace(num_stages=7))
+    try:
+        assert tuning.config("dq", torch.float16, 64, dims, cpu).num_stages == 7
+    finally:
+        tuning.override(None)
+    assert tuning.config("dq", torch.float16, 64, dims, cpu) == base
+    was = tuning.gpu_tiles()
+    tuning.gpu_tiles(not was)
+    try:
+        assert tuning.config("dq", torch.float16, 64, dims, cpu) == tuning.default("dq", torch.float16, 64)
+    finally:
+        tuning.gpu_tiles(was)
+    assert tuning.config("dq", torch.float16, 64, dims, cpu) == base

@@ -12,6 +12,11 @@ By default the table below is used (and under ``TRITON_INTERPRET=1`` one small t
 (device, kernel, dtype, head_dim, causal, mask, softcap, lengths bucketed to powers of two) and the fastest is
 kept in memory and in a JSON file (``PREFIX_ATTN_AUTOTUNE_CACHE``, default
 ``~/.cache/prefix_attn/autotune.json``), so later processes start tuned.
+
+``config`` runs at every launch, so its answer is memoised: the table's per (kernel, dtype, head_dim), the tuned
+one per (kernel, dtype, head_dim, dims, device). ``TRITON_INTERPRET`` is read once, at import (as Triton reads it
+when the kernels are decorated); ``PREFIX_ATTN_AUTOTUNE`` once, at import or by :func:`set_autotune`.
+:func:`gpu_tiles`, :func:`override`, :func:`set_autotune` and :func:`clear_cache` drop the memos.
 """
 
 from __future__ import annotations
@@ -35,20 +40,37 @@ class Blocks(NamedTuple):
 
 
 _INTERPRETER_BLOCKS = Blocks(16, 16, 4, 1)
-_state = {"gpu_tiles": False, "override": None}
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_MEMO = 4096  # tuned choices memoised per exact dims; past it the memo is emptied (the JSON cache stays)
+
+
+def _env_autotune() -> bool:
+    return os.environ.get("PREFIX_ATTN_AUTOTUNE", "0") == "1"
+
+
+_state = {"gpu_tiles": False, "override": None, "autotune": _env_autotune()}
 _cache: Dict[str, Blocks] = {}
 _cache_loaded = False
+_table: Dict[tuple, Blocks] = {}  # (kernel, dtype, head_dim) -> the table's choice, override applied
+_tuned: Dict[tuple, Blocks] = {}  # (kernel, dtype, head_dim, dims, device) -> the tuned choice
 _lock = threading.Lock()
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRET
+
+
+def _forget() -> None:
+    _table.clear()
+    _tuned.clear()
 
 
 def gpu_tiles(enabled: Optional[bool] = None) -> bool:
     """Get or set whether the interpreter runs the GPU table's tiles (slow; for tests)."""
     if enabled is not None:
         _state["gpu_tiles"] = bool(enabled)
+        _forget()
     return _state["gpu_tiles"]
 
 
@@ -56,6 +78,14 @@ def override(transform: Optional[Callable[[str, Blocks], Blocks]]) -> None:
     """Pass every tile choice through ``transform(kernel, blocks)`` (triage of a GPU failure: other tiles, stages,
     warps, benchmarks/gpu_triage.py); ``None`` restores the normal choice."""
     _state["override"] = transform
+    _forget()
+
+
+def set_autotune(enabled: Optional[bool]) -> bool:
+    """Turn autotuning on or off; None: back to ``PREFIX_ATTN_AUTOTUNE`` (read again now). Returns the setting."""
+    _state["autotune"] = _env_autotune() if enabled is None else bool(enabled)
+    _forget()
+    return _state["autotune"]
 
 
 def _overridden(kernel: str, cfg: Blocks) -> Blocks:
@@ -159,9 +189,33 @@ def key(kernel: str, dtype: torch.dtype, head_dim: int, dims: Tuple, device: tor
 
 def config(kernel: str, dtype: torch.dtype, head_dim: int, dims: Tuple, device: torch.device,
            run: Optional[Callable[[Blocks], object]] = None) -> Blocks:
-    """The tile configuration for one launch: tuned when PREFIX_ATTN_AUTOTUNE=1 on CUDA, else the table."""
-    if run is None or device.type != "cuda" or os.environ.get("PREFIX_ATTN_AUTOTUNE", "0") != "1":
-        return _overridden(kernel, default(kernel, dtype, head_dim))
+    """The tile configuration for one launch: tuned when autotuning is on (``PREFIX_ATTN_AUTOTUNE=1``,
+    :func:`set_autotune`) on CUDA, else the table. Memoised (see the module docstring)."""
+    if run is None or not _state["autotune"] or device.type != "cuda":
+        try:
+            return _table[kernel, dtype, head_dim]
+        except KeyError:
+            cfg = _table[kernel, dtype, head_dim] = _overridden(kernel, default(kernel, dtype, head_dim))
+            return cfg
+    try:
+        memo = (kernel, dtype, head_dim, dims, device)
+        return _tuned[memo]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable device stand-in (tests): no memo
+        memo = None
+    best = _tune(kernel, dtype, head_dim, dims, device, run)
+    if memo is not None:
+        with _lock:
+            if len(_tuned) >= MAX_MEMO:
+                _tuned.clear()
+            _tuned[memo] = best
+    return best
+
+
+def _tune(kernel: str, dtype: torch.dtype, head_dim: int, dims: Tuple, device: torch.device,
+          run: Callable[[Blocks], object]) -> Blocks:
+    """The tuned choice of one key: from the cache (memory, then the JSON file), else timed now and saved."""
     k = key(kernel, dtype, head_dim, dims, device)
     with _lock:
         _load_cache()
@@ -185,4 +239,5 @@ def clear_cache() -> None:
     global _cache_loaded
     with _lock:
         _cache.clear()
+        _tuned.clear()
         _cache_loaded = True

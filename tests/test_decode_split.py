@@ -232,3 +232,13 @@ def test_compiled_decode_step_matches_eager(small_splits):
         got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
         want = step(q, k, v)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [Case(8, 8, 4, 1, 4096, 64, 128, masked=True), Case(1, 8, 4, 1, 4096, 64, 128),
+                                  Case(32, 12, 1, 1, 1024, 64, 64, masked=True),
+                                  Case(8, 8, 4, 3, 4096, 64, 128, entries=3, lengths=True)], ids=str)
+def test_split_decode_at_real_sizes(case, monkeypatch):
+    """On a GPU, the Llama-3-8B GQA and GPT-2 decode shapes (4k / 1k cache, P = 64) with the real split rule."""
+    _check(case, torch.bfloat16, monkeypatch)

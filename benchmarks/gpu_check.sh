@@ -94,12 +94,12 @@ env_lines() {
 gpu_tests() {  # gpu_tests XML: pytest -m gpu, on 8 workers where pytest-xdist is there; junit XML for the triage
     mkdir -p "$(dirname "$1")"
     "$PY" -m pytest -q -rf -p no:cacheprovider -m gpu ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} --junitxml="$1" \
-        tests/test_triton.py tests/test_host_reads.py tests/test_decode.py tests/test_grouped.py
+        tests/test_triton.py tests/test_host_reads.py tests/test_decode.py tests/test_decode_split.py tests/test_grouped.py
 }
 
 suite() {  # suite XML: the Triton grids of the CPU suite (odd lengths, P = 0 / 1, every head dim), on the GPU
     "$PY" -m pytest -q -rf -p no:cacheprovider -m "not gpu" ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} --junitxml="$1" \
-        tests/test_triton.py tests/test_varlen.py tests/test_dropout.py
+        tests/test_triton.py tests/test_varlen.py tests/test_dropout.py tests/test_decode_split.py
 }
 
 failed_tests() {  # how many tests of stage 1's junit XML failed or errored (-1: no XML)

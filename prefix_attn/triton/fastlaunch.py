@@ -92,14 +92,6 @@ def clear() -> None:
         kernel.clear()
 
 
-def _hooks_active() -> bool:
-    runtime = _knobs.runtime
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and (type(hook) is not _HookChain or hook.calls):
-            return True
-    return False
-
-
 _CONSTEXPR_KINDS = (bool, int, float, str, type(None))
 
 
@@ -121,17 +113,22 @@ def _fact_source(name: str, kind: type, specialise: bool) -> Optional[str]:
     return None
 
 
-def _make_prep(params, nargs: int, kwnames: tuple, kinds: tuple):
+def _make_prep(params, nargs: int, kwnames: tuple, kinds: tuple, launch: bool = False):
     """``prep(args, kwargs) -> (key, launch_args)`` for one call shape: ``nargs`` positional arguments, keyword
     arguments ``kwnames`` in this order, all of types ``kinds`` (positional, then keyword). ``launch_args`` holds
     every parameter's value in order (defaults filled in), as the JIT passes them to the compiled launcher. None if
-    the shape is not supported (the JIT then launches every call of it)."""
+    the shape is not supported (the JIT then launches every call of it).
+
+    ``launch=True``: ``(prep, go)`` with ``go(args, kwargs, entries, device, stream, g0, g1, g2)``, the whole cached
+    launch in one generated function, as torch inductor's launchers: the key computed inline, the entry looked up
+    (KeyError: not compiled yet) and its launcher called with every argument spelled out (no hooks: the caller
+    checks that none is registered); returns the entry."""
     index = {p.name: i for i, p in enumerate(params)}
     if nargs > len(params):
         return None
-    lines = ["def prep(args, kw):"]
+    head = []
     if nargs:
-        lines.append(f"    {''.join(f'v{i}, ' for i in range(nargs))}= args")
+        head.append(f"    {''.join(f'v{i}, ' for i in range(nargs))}= args")
     kind_of = dict(enumerate(kinds[:nargs]))
     options = []
     for name, kind in zip(kwnames, kinds[nargs:]):
@@ -143,7 +140,7 @@ def _make_prep(params, nargs: int, kwnames: tuple, kinds: tuple):
         i = index[name]
         if i in kind_of:
             return None
-        lines.append(f"    v{i} = kw[{name!r}]")
+        head.append(f"    v{i} = kw[{name!r}]")
         kind_of[i] = kind
     key, full, scope = [], [], {}
     for i, p in enumerate(params):
@@ -164,9 +161,15 @@ def _make_prep(params, nargs: int, kwnames: tuple, kinds: tuple):
                 return None
             key.append(src)
     key += [f"kw[{name!r}], " for name in options]
-    lines.append(f"    return ({''.join(key)}), ({''.join(f'{x}, ' for x in full)})")
+    key_src, full_src = "".join(key), "".join(f"{x}, " for x in full)
+    lines = ["def prep(args, kw):", *head, f"    return ({key_src}), ({full_src})"]
+    if launch:
+        lines += ["def go(args, kw, entries, device, stream, g0, g1, g2):", *head,
+                  f"    e = entries[device, ({key_src})]",
+                  f"    e.launcher(g0, g1, g2, stream, e.function, e.metadata, None, None, None, {full_src})",
+                  "    return e"]
     exec("\n".join(lines), scope)  # noqa: S102 - generated from the kernel's parameter list only
-    return scope["prep"]
+    return (scope["prep"], scope["go"]) if launch else scope["prep"]
 
 
 class _Entry:
@@ -200,11 +203,21 @@ class FastKernel:
         mode = _state["mode"]
         if mode == "0" or not self.jit:
             return self.fn[grid](*args, **kwargs)
+        runtime = _knobs.runtime
+        enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+        quiet = ((enter is None or (type(enter) is _HookChain and not enter.calls))
+                 and (exit_ is None or (type(exit_) is _HookChain and not exit_.calls)))
         try:
-            prep, entries = self._preps[(*map(type, args), *kwargs, *map(type, kwargs.values()))]
-            key, full = prep(args, kwargs)
+            prep, go, entries = self._preps[(*map(type, args), *kwargs, *map(type, kwargs.values()))]
             drv = _driver.active
             device = drv.get_current_device()
+            if quiet and mode == "1":  # the common case: one generated function keys and launches
+                n = len(grid)
+                entry = go(args, kwargs, entries, device, drv.get_current_stream(device), grid[0],
+                           grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+                self.hits += 1
+                return entry.kernel
+            key, full = prep(args, kwargs)
             entry = entries[device, key]
         except (KeyError, TypeError, AttributeError, ValueError):
             return self._miss(grid, args, kwargs)
@@ -214,11 +227,9 @@ class FastKernel:
         stream = drv.get_current_stream(device)
         n = len(grid)
         g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
-        if _hooks_active():  # a profiler is listening: metadata and hooks as the JIT passes them
-            runtime = _knobs.runtime
+        if not quiet:  # a profiler is listening: metadata and hooks as the JIT passes them
             metadata = entry.kernel.launch_metadata(grid, stream, *full)
-            entry.launcher(g0, g1, g2, stream, entry.function, entry.metadata, metadata,
-                           runtime.launch_enter_hook, runtime.launch_exit_hook, *full)
+            entry.launcher(g0, g1, g2, stream, entry.function, entry.metadata, metadata, enter, exit_, *full)
         else:
             entry.launcher(g0, g1, g2, stream, entry.function, entry.metadata, None, None, None, *full)
         return entry.kernel
@@ -236,9 +247,9 @@ class FastKernel:
         sig = (*kinds[:len(args)], *kwargs, *kinds[len(args):])
         with _lock:
             if sig not in self._preps:
-                prep = _make_prep(list(self.fn.params), len(args), tuple(kwargs), kinds)
-                self._preps[sig] = (prep, {}) if prep is not None else (None, None)
-            prep, entries = self._preps[sig]
+                made = _make_prep(list(self.fn.params), len(args), tuple(kwargs), kinds, launch=True)
+                self._preps[sig] = (*made, {}) if made is not None else (None, None, None)
+            prep, _, entries = self._preps[sig]
             if prep is None:
                 return kernel
             if len(entries) >= MAX_ENTRIES:

@@ -2,7 +2,7 @@
 
 The GPU test grid is replayed through the op with Triton's own binder and a stand-in sm_90 target
 (tests/variant_count.py, in a subprocess: the binder of compiled kernels, not the interpreter's); nothing is
-compiled. A GPU lease is short: every specialisation is a second or more of compiling there.
+compiled. Every specialisation costs a second or more of compiling on the GPU machine, inside a short GPU check.
 """
 
 import json

@@ -167,19 +167,23 @@ else
         [ "$DRY" = 1 ] && { TOTAL_FAIL=$TOTAL; TOTAL=0; echo "stage 2, all passed:"; }
     fi
     if [ "$DRY" = 1 ] || [ "$failed" = 0 ]; then
-        step autotune 150 env PREFIX_ATTN_AUTOTUNE=1 "$PY" benchmarks/bench_attention.py --shapes llama-7b \
+        step profile 30 "$PY" benchmarks/profile_calls.py --shapes gpt2-small,llama-7b,llama3-8b-gqa --prefix 64 \
+            --out "$WORK/profile"
+        [ "$DRY" = 0 ] && cp "$WORK"/profile/profile_*.md "$WORK/profile.md" 2>/dev/null
+        publish profile.md
+        step autotune 120 env PREFIX_ATTN_AUTOTUNE=1 "$PY" benchmarks/bench_attention.py --shapes llama-7b \
             --dtypes bfloat16 --prefix 64 --modes fwd,fwdbwd --methods "prefix_attn,sdpa[auto]" --out "$WORK/tuned" \
             --no-table
         [ "$DRY" = 0 ] && { cp "$WORK"/tuned/attention_*.json "$WORK/attention_tuned.json" 2>/dev/null;
                             cp "$PREFIX_ATTN_AUTOTUNE_CACHE" "$WORK/autotune.json" 2>/dev/null; }
-        publish attention_tuned.json autotune.json
+        publish profile.md attention_tuned.json autotune.json
         step more_shapes 80 "$PY" benchmarks/bench_attention.py --shapes llama-7b,gpt2-small,llama3-8b-gqa \
-            --dtypes bfloat16,float16 --prefix 10,200,64 --modes fwdbwd \
+            --dtypes bfloat16,float16 --prefix 16,64,256 --modes fwdbwd \
             --methods "prefix_attn,sdpa[auto],sdpa_flash,sdpa_cudnn,peft_eager" --time-budget 55 --out "$WORK/more" --no-table
         [ "$DRY" = 0 ] && cp "$WORK"/more/attention_*.json "$WORK/attention_more.json" 2>/dev/null
-        publish attention_tuned.json autotune.json attention_more.json
+        publish profile.md attention_tuned.json autotune.json attention_more.json
         step suite 60 bash "$SELF" --stage 2 --do suite "$WORK/suite.xml"
-        publish attention_tuned.json autotune.json attention_more.json suite.xml
+        publish profile.md attention_tuned.json autotune.json attention_more.json suite.xml
     fi
 fi
 

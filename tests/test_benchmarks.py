@@ -352,3 +352,18 @@ def test_grouped_benchmark_runs_on_a_tiny_shape(capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_profile_calls_runs_on_a_tiny_shape(tmp_path):
+    """profile_calls.py (the GPU check's host-against-device profile) end to end on the CPU: a training and a decode
+    call of the tiny shape, their host time from the profiler's trace, the table and the traces written."""
+    profile_calls = _load("profile_calls")
+    assert profile_calls.main(["--device", "cpu", "--shapes", "tiny", "--calls", "2", "--prefix", "5",
+                               "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("profile_*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["shape"], r["call"]) for r in rows] == [("tiny", "train"), ("tiny", "decode")]
+    for r in rows:
+        assert 0 < r["host_us"] <= r["wall_us"] * 1.05 and r["device_us"] is None  # no CUDA activity on a CPU
+    assert (tmp_path / "trace_tiny_train.json").exists() and (tmp_path / "trace_tiny_decode.json").exists()
+    assert "| tiny | decode |" in json_path.with_suffix(".md").read_text()

@@ -63,9 +63,24 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_DUMMIES = {}
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    """The pointer argument of a switched-off input (no mask, ids, lengths, cu_seqlens, seed): one int32 tensor per
+    device, 16-byte aligned, never read. Passing q instead made q's dtype and alignment enter those arguments'
+    specialisation too (more compiled variants, longer launch keys)."""
+    device = t.device
+    try:
+        return _DUMMIES[device]
+    except KeyError:
+        dummy = _DUMMIES[device] = torch.zeros(4, dtype=torch.int32, device=device)
+        return dummy
+
+
 def _mask_args(attention_mask: Optional[torch.Tensor], fallback: torch.Tensor):
     if attention_mask is None:
-        return fallback, (0, 0), False
+        return _dummy(fallback), (0, 0), False
     mask = attention_mask if attention_mask.dtype == torch.uint8 else attention_mask.to(torch.bool).view(torch.uint8)
     return mask, tuple(mask.stride()), True
 
@@ -128,7 +143,7 @@ class _Layout:
         else:
             self.batch, self.heads_q, self.len_q, self.head_dim = q.shape
             self.heads_kv, self.len_k = k.shape[1], k.shape[2]
-            self.cu_q = self.cu_k = q  # dummies
+            self.cu_q = self.cu_k = _dummy(q)
 
     def s(self, t):
         return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else tuple(t.stride())
@@ -160,8 +175,8 @@ class _Bank:
         self.lengths = (None if prefix_lengths is None
                         else checks.memo(prefix_lengths, "int32", lambda: _int32(prefix_lengths)))
         self.source_ids = prefix_ids
-        self.ids_arg = q if self.ids is None else self.ids
-        self.lengths_arg = q if self.lengths is None else self.lengths
+        self.ids_arg = _dummy(q) if self.ids is None else self.ids
+        self.lengths_arg = _dummy(q) if self.lengths is None else self.lengths
 
     def strides(self):
         """(entry, head, row, dim) strides of k, then of v; a shared prefix is the one entry (stride 0)."""
@@ -192,7 +207,7 @@ class _Dropout:
         if self.on and not (isinstance(dropout_seed, torch.Tensor) and dropout_seed.dtype == torch.int64
                             and dropout_seed.numel() == 1 and dropout_seed.device == q.device):
             raise ValueError(f"dropout_p > 0 needs dropout_seed as an int64 one-element tensor on {q.device}")
-        self.seed = dropout_seed if self.on else q
+        self.seed = dropout_seed if self.on else _dummy(q)
         self.threshold = dropout.threshold(dropout_p) if self.on else 0
         self.scale = 1.0 / (1.0 - dropout_p) if self.on else 1.0
 
@@ -238,12 +253,28 @@ def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, cau
     return out, lse
 
 
-def _prefix_splits(units: int, programs_per_split: int, device: torch.device) -> int:
+def _prefix_splits(units: int, programs_per_split: int, device: torch.device, sms: int = 0) -> int:
     """How many ways to split the batch-wide reduction for the prefix gradient: enough programs to fill
-    the GPU (about 4 per SM), but at least MIN_UNITS_PER_SPLIT query blocks per split."""
-    target = 4 * _num_sms(device.index or 0) if device.type == "cuda" else 4 * programs_per_split
+    the GPU (about 4 per SM; ``sms`` if given, else the device's), but at least MIN_UNITS_PER_SPLIT query blocks
+    per split."""
+    if device.type == "cuda" and not sms:
+        sms = _num_sms(device.index or 0)
+    target = 4 * sms if device.type == "cuda" else 4 * programs_per_split
     splits = math.ceil(target / max(1, programs_per_split))
     return max(1, min(splits, units // MIN_UNITS_PER_SPLIT))
+
+
+@functools.lru_cache(maxsize=1024)
+def _dprefix_plan(max_rows: int, group: int, len_q: int, num_prefix: int, heads_kv: int, used: int, block_m: int,
+                  block_n: int, sms: int):
+    """(units of the busiest entry, prefix pieces, units per split, splits) of the prefix-gradient launches, from
+    shapes only (memoised: the same in every layer). ``sms``: the device's SM count, 0 off CUDA."""
+    units = max_rows * group * _cdiv(len_q, block_m)
+    pieces = tuple(_prefix_pieces(num_prefix, min(block_n, PREFIX_BLOCK_MAX)))
+    programs = sum(n for _, _, n in pieces) * heads_kv * used
+    device = torch.device("cuda") if sms else torch.device("cpu")
+    per_split = _cdiv(units, _prefix_splits(units, programs, device, sms))
+    return units, pieces, per_split, _cdiv(units, per_split)
 
 
 def _dprefix_warps(cfg: tuning.Blocks, block_n: int) -> int:
@@ -292,45 +323,44 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
     qk_scale = softmax_scale * LOG2E
     cap_in, cap_out, has_cap = _softcap_args(softmax_scale, softcap)
     dims = (len_q, len_k, num_prefix, bool(causal), has_mask, has_cap, group) + ((True,) if drop.on else ())
-    flags = dict(PRECISION=precision, SOFTCAP=has_cap, HEAD_DIM=head_dim, BLOCK_D=bd)
+    flags = dict(PRECISION=precision, SOFTCAP=has_cap, HEAD_DIM=head_dim, BLOCK_D=bd, VARLEN=lay.varlen,
+                 DROPOUT=drop.on)
+    s_q, s_dout = lay.s(q), lay.s(dout)
     lse = lse if lse.is_contiguous() else lse.contiguous()  # an aten call even when it is a no-op
 
     delta = torch.empty_like(lse)
     pre_m = 64 if not _interpreting() else 16
     pre_batch, pre_rows = lay.rows()  # packed: one "row" of total_q queries
     _prefix_attn_bwd_preprocess_kernel[(_cdiv(pre_rows, pre_m), pre_batch * heads_q)](
-        out, dout, delta, *lay.s(out), *lay.s(dout), heads_q, pre_rows,
+        out, dout, delta, *lay.s(out), *s_dout, heads_q, pre_rows,
         HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
-    seq = dict(VARLEN=lay.varlen, DROPOUT=drop.on)
     lse_strides = lay.lse_strides()
 
     if need_dkv:
         def run_dkdv(cfg: tuning.Blocks):
             _prefix_attn_bwd_dkdv_kernel[(_cdiv(len_k, cfg.block_n), batch * heads_kv)](
                 q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, drop.seed, dk, dv,
-                *lay.s(q), *lay.s(k), *lay.s(v), *lay.s(dout), *mask_strides, *lay.s(dk), *lse_strides,
+                *s_q, *lay.s(k), *lay.s(v), *s_dout, *mask_strides, *lay.s(dk), *lse_strides,
                 heads_q, heads_kv, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
                 *drop.args(),
                 CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **seq,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
 
         run_dkdv(tuning.config("dkdv", q.dtype, head_dim, dims, q.device, run_dkdv))
     if need_dprefix and num_prefix > 0:
         if bank.shared:
-            entry = start_row = count = rows = q  # dummies: one entry, every row
+            entry = start_row = count = rows = _dummy(q)  # one entry, every row
             used, max_rows = 1, batch
         else:
             entry, start_row, count, rows, max_rows = bank.used_entries()
             used = entry.numel()
 
         def run_dprefix(cfg: tuning.Blocks):
-            units = max_rows * group * _cdiv(len_q, cfg.block_m)  # of the busiest entry
-            pieces = _prefix_pieces(num_prefix, min(cfg.block_n, PREFIX_BLOCK_MAX))
-            programs = sum(n for _, _, n in pieces) * heads_kv * used
-            per_split = _cdiv(units, _prefix_splits(units, programs, q.device))
-            splits = _cdiv(units, per_split)
+            sms = _num_sms(q.device.index or 0) if q.is_cuda else 0
+            units, pieces, per_split, splits = _dprefix_plan(max_rows, group, len_q, num_prefix, heads_kv, used,
+                                                             cfg.block_m, cfg.block_n, sms)
             per_entry = heads_kv * num_prefix * head_dim
             numel = used * per_entry
             split_stride = -(-numel // 16) * 16  # rows of the partials 64-byte aligned: vector loads in the reduction
@@ -340,11 +370,11 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
                 _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
                     q, bank.k, bank.v, dout, lse, delta, rows, start_row, count, entry, bank.lengths_arg,
                     lay.cu_q, drop.seed, partial_k, partial_v,
-                    *lay.s(q), *bank.strides(), *lay.s(dout), *lse_strides,
+                    *s_q, *bank.strides(), *s_dout, *lse_strides,
                     heads_q, heads_kv, group, len_q, num_prefix, start, qk_scale, softmax_scale,
                     cap_in, cap_out, *drop.args(), units, per_split, splits, split_stride,
                     BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=_dprefix_warps(cfg, block_n),
-                    num_stages=cfg.num_stages, **bank.flags(), **flags, **seq,
+                    num_stages=cfg.num_stages, **bank.flags(), **flags,
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
             reduce_block = 1024 if not _interpreting() else 256
@@ -358,11 +388,10 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
         def run_dq(cfg: tuning.Blocks):
             _prefix_attn_bwd_dq_kernel[(_cdiv(len_q, cfg.block_m), batch * heads_q)](
                 q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
-                drop.seed, dq, *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *lay.s(dout), *mask_strides,
+                drop.seed, dq, *s_q, *lay.s(k), *lay.s(v), *bank.strides(), *s_dout, *mask_strides,
                 *lay.s(dq), *lse_strides,
                 heads_q, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out, *drop.args(),
                 CAUSAL=bool(causal), HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **bank.flags(),
-                **seq,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
 

@@ -68,13 +68,13 @@ _DUMMIES = {}
 
 def _dummy(t: torch.Tensor) -> torch.Tensor:
     """The pointer argument of a switched-off input (no mask, ids, lengths, cu_seqlens, seed): one int32 tensor per
-    device, 16-byte aligned, never read. Passing q instead made q's dtype and alignment enter those arguments'
-    specialisation too (more compiled variants, longer launch keys)."""
-    device = t.device
+    device, 16-byte aligned, never read (the kernels read them only under their constexpr switch). Passing q
+    instead repeated q's dtype and alignment in those arguments' launch keys."""
+    key = t.is_cuda, t.get_device()  # (False, -1) on the CPU; cheaper than t.device
     try:
-        return _DUMMIES[device]
+        return _DUMMIES[key]
     except KeyError:
-        dummy = _DUMMIES[device] = torch.zeros(4, dtype=torch.int32, device=device)
+        dummy = _DUMMIES[key] = torch.zeros(4, dtype=torch.int32, device=t.device)
         return dummy
 
 

@@ -143,7 +143,7 @@ void prefix_attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t r = 0; r < bq; ++r) {
         TI* o = O.mut(b, hq, q0 + r);
         const T* a = acc.data() + r * D;
-        if (l[r] > T(0)) {
+        if (!(l[r] == T(0))) {  // NaN too: a diverged input gives a NaN output and lse, as in plain attention
           const T inv = T(1) / l[r];
           for (int64_t c = 0; c < D; ++c) o[c] = static_cast<TI>(a[c] * inv);
           lse_q[r] = m[r] + std::log(l[r]);

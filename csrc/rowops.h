@@ -91,9 +91,11 @@ PREFIX_ATTN_INLINE void vfl_store(float* p, vfl v, int64_t count) {
 PREFIX_ATTN_INLINE vfl vfl_select(vil mask, vfl a, vfl b) {
   return reinterpret_cast<vfl>((mask & reinterpret_cast<vil>(a)) | (~mask & reinterpret_cast<vil>(b)));
 }
+// NaN-propagating maxima (a plain a > b ? a : b drops a NaN b): a diverged score must reach the row's max, the
+// output and lse, as in plain attention
 PREFIX_ATTN_INLINE float vfl_hmax(vfl v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < kLanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
   return m;
 }
 // a fixed tree: lanes i and i + w added, w = kLanes / 2, ..., 1
@@ -105,7 +107,7 @@ PREFIX_ATTN_INLINE float vfl_hsum(vfl v) {
   }
   return buf[0];
 }
-PREFIX_ATTN_INLINE vfl vfl_max(vfl a, vfl b) { return vfl_select(a > b, a, b); }
+PREFIX_ATTN_INLINE vfl vfl_max(vfl a, vfl b) { return vfl_select((a > b) | (a != a), a, b); }
 
 // exp_approx on kLanes lanes
 PREFIX_ATTN_INLINE vfl exp_lanes(vfl x) {
@@ -133,7 +135,7 @@ PREFIX_ATTN_INLINE T fwd_scale_max(T* s, int64_t lim, T scale, const T* col_bias
   for (int64_t c = 0; c < lim; ++c) {
     T x = s[c] * scale + (col_bias != nullptr ? col_bias[c] : T(0));
     s[c] = x;
-    mx = x > mx ? x : mx;
+    mx = (x > mx || x != x) ? x : mx;  // NaN propagates
   }
   return mx;
 }
@@ -151,11 +153,15 @@ PREFIX_ATTN_INLINE T fwd_exp_sum(T* s, int64_t lim, T m_new) {
 PREFIX_ATTN_INLINE float fwd_scale_max(float* s, int64_t lim, float scale, const float* col_bias) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   vfl mx = vfl_set(neg_inf);
+  vfl lane{};
+  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
   for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    vfl x = vfl_load(s + c, k, neg_inf) * scale;
+    // the tail's lanes are -inf after the scale, whatever its sign (-inf * a negative scale would be +inf)
+    vfl x = vfl_load(s + c, k, 0.0f) * scale;
     if (col_bias != nullptr) x += vfl_load(col_bias + c, k, 0.0f);
     vfl_store(s + c, x, k);
+    if (k < kLanes) x = vfl_select(lane < static_cast<float>(k), x, vfl_set(neg_inf));
     mx = vfl_max(mx, x);
   }
   return vfl_hmax(mx);
@@ -182,7 +188,7 @@ PREFIX_ATTN_INLINE void fwd_rows_impl(T* S, int64_t rows, int64_t n, T scale, co
     lim = lim < 0 ? 0 : (lim > n ? n : lim);
     const T mx = fwd_scale_max(s, lim, scale, col_bias);
     for (int64_t c = lim; c < n; ++c) s[c] = T(0);
-    T m_new = m[r] > mx ? m[r] : mx;
+    T m_new = (m[r] > mx || m[r] != m[r]) ? m[r] : mx;  // NaN propagates
     if (m_new == neg_inf) {  // nothing visible yet: acc and l are still 0
       for (int64_t c = 0; c < lim; ++c) s[c] = T(0);
       continue;
@@ -223,7 +229,7 @@ PREFIX_ATTN_INLINE void bwd_row(float* s, float* dp, const float* z, int64_t lim
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < lim; c += kLanes) {
     const int64_t k = lim - c;
-    vfl x = vfl_load(s + c, k, neg_inf) * scale - lr;
+    vfl x = vfl_load(s + c, k, neg_inf) * scale - lr;  // tail lanes are never stored, whatever their value
     if (col_bias != nullptr) x += vfl_load(col_bias + c, k, 0.0f);
     const vfl p = exp_lanes(x);
     const vfl d = vfl_load(dp + c, k, 0.0f);
@@ -262,7 +268,7 @@ PREFIX_ATTN_INLINE void bwd_rows_impl(T* S, T* dP, int64_t rows, int64_t n, T sc
 template <typename T>
 inline void softcap_tile(T* S, int64_t count, T scale, T cap, T* grad) {
   const T in = scale / cap;
-  const T out = cap / scale;
+  const T out = scale != T(0) ? cap / scale : T(0);  // a zero scale: every capped score is 0
   for (int64_t i = 0; i < count; ++i) {
     const T t = std::tanh(S[i] * in);
     S[i] = t * out;

@@ -144,7 +144,7 @@ def forward(attend, q, k, v, prefix_k, prefix_v, mask, prefix_ids: Optional[torc
     # the kernels' lse is +inf for a query that sees no key: -inf here, so that its weight is 0
     lse_p, lse_t = (x.masked_fill(x == float("inf"), float("-inf")) for x in (lse_p, lse_t))
     lse = torch.logaddexp(lse_p, lse_t)
-    seen = lse > float("-inf")
+    seen = lse != float("-inf")  # NaN too: a diverged part makes the output NaN, as in plain attention
     w_p = torch.where(seen, torch.exp(lse_p - lse), 0.0)[..., None]
     w_t = torch.where(seen, torch.exp(lse_t - lse), 0.0)[..., None]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

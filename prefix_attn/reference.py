@@ -122,7 +122,9 @@ def prefix_attention_reference(
     )
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    # a row that sees no key: 0 (its weights are 0); +inf stays, so that exp(inf - inf) makes the row NaN as in
+    # plain attention
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max).detach()
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)

@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["check_padded", "check_packed", "check_softcap", "bank_values", "group_rows", "host_list", "memo", "known",
-           "trust", "from_host"]
+__all__ = ["check_padded", "check_packed", "check_softcap", "bank_values", "mask_values", "group_rows", "host_list",
+           "memo", "known", "trust", "from_host"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MEMO_SIZE = 256
@@ -124,6 +124,19 @@ def group_rows_host(values: List[int], device):
         return torch.tensor(x, dtype=torch.int32, device=device)
 
     return make(entries), make(start), make(count), make(rows), max(count) if count else 0
+
+
+def mask_values(attention_mask: Optional[torch.Tensor]) -> None:
+    """A non-bool attention_mask holds only 0 and 1 (a bool one is not read): one host read per mask tensor,
+    memoised; none under torch.compile (the mask is then taken as it is: nonzero = visible)."""
+    m = attention_mask
+    if m is None or m.dtype == torch.bool or m.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if memo(m, "zeros_and_ones", lambda: not bool(((m != 0) & (m != 1)).any())):
+        return
+    bad = torch.unique(m[(m != 0) & (m != 1)])
+    shown = ", ".join(str(x) for x in bad[:4].tolist()) + (", ..." if bad.numel() > 4 else "")
+    raise ValueError(f"attention_mask must be bool or hold only 0 and 1, got {shown}")
 
 
 def bank_values(prefix_k: torch.Tensor, prefix_ids: Optional[torch.Tensor],

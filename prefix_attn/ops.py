@@ -329,6 +329,7 @@ def prefix_attention(
     (q, k, v, prefix_k, prefix_v), scope = autocast_inputs(q, k, v, prefix_k, prefix_v)
     checks.check_padded(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids,
                         prefix_lengths, causal=bool(causal))
+    checks.mask_values(attention_mask)  # an integer mask: 0 and 1 only (memoised per tensor)
     with scope:
         return apply(q, k, v, prefix_k, prefix_v, attention_mask=attention_mask, prefix_ids=prefix_ids,
                      prefix_lengths=prefix_lengths, causal=causal, softmax_scale=softmax_scale, softcap=softcap,

@@ -252,7 +252,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                              f"[batch={query.shape[0]}, len_k={len_k}]")
         if mask is not None and mask.dtype != torch.bool:
             # a 0/1 mask the model passed itself: the same tensor in every layer, cast once (the mask function's
-            # masks are bool already, and nothing below casts a bool mask again)
+            # masks are bool already, and nothing below casts a bool mask again); 0 and 1 only
+            checks.mask_values(mask)
             mask = checks.memo(mask, "bool", lambda: mask.to(torch.bool))
     out = prefix_attention(query, key, value, pk, pv, causal=causal, softmax_scale=scaling, attention_mask=mask,
                            softcap=float(softcap), dropout_p=dropout_p,

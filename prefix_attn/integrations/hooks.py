@@ -38,6 +38,9 @@ class DecoderHooks:
         binding = self.binding
         position_ids = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # the user's padding mask, before transformers casts it to bool: 0 and 1 only (one memoised read)
+            checks.mask_values(mask)
         tokens = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
                        if kwargs.get(k) is not None), None)
         if tokens is None:

@@ -188,9 +188,9 @@ class _TorchCalls(torch.overrides.TorchFunctionMode):
 
 
 # what the package may call without a device kernel: allocations, views, shapes, strides, pointers
-_NO_KERNEL = {"empty", "view", "__getitem__", "unsqueeze", "stride", "size", "dim", "data_ptr", "is_contiguous",
-              "__get__", "to", "numel", "element_size", "type", "is_floating_point", "get_device", "is_complex",
-              "__len__", "__index__", "__hash__", "__eq__", "storage_offset", "is_inference"}
+_NO_KERNEL = {"empty", "empty_like", "view", "__getitem__", "unsqueeze", "stride", "size", "dim", "data_ptr",
+              "is_contiguous", "__get__", "to", "numel", "element_size", "type", "is_floating_point", "get_device",
+              "is_complex", "__len__", "__index__", "__hash__", "__eq__", "storage_offset", "is_inference"}
 
 
 @pytest.mark.parametrize("bank", [False, True])

@@ -130,14 +130,15 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
         batch, heads_q, len_q, head_dim = q.shape
         heads_kv, len_k = k.shape[1], k.shape[2]
         bank = launch._Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
-        row_plan, used, prefix_rows = q, 1, batch  # a dummy plan: a shared prefix
+        dummy = launch._dummy(q)  # the pointer of a switched-off input
+        row_plan, used, prefix_rows = dummy, 1, batch  # no plan: a shared prefix
         # P = 0: no prefix items, no bank switches
         flags = dict(HAS_IDS=False, HAS_LENS=False) if bank.num_prefix == 0 else bank.flags()
         if flags["HAS_IDS"]:
             row_plan, used, prefix_rows = _row_plan(bank)
         p = _plan(batch, heads_kv, heads_q // heads_kv, len_q, len_k, bank.num_prefix, q.dtype, head_dim,
                   _sms(q.device), used, prefix_rows)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q, memory_format=launch._CONTIGUOUS)
         lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
         n_queries = batch * heads_q * len_q
         if n_queries == 0:
@@ -150,7 +151,7 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
         block_d = tuning.block_d(head_dim)
         if p.prefix_items + p.text_items:
             launch._prefix_attn_fwd_kernel[p.grid(heads_kv)](  # the launcher's (fast launch) path
-                q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, q, q, q, part_o, part_l,
+                q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, dummy, dummy, dummy, part_o, part_l,
                 *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides,
                 heads_q * len_q * head_dim, len_q * head_dim, head_dim, 1, heads_q * len_q, len_q,  # the scratch
                 heads_q, heads_q // heads_kv, len_q, len_k, bank.num_prefix, softmax_scale * LOG2E, cap_in, cap_out,

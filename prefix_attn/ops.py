@@ -156,9 +156,10 @@ def _direct(a, b, c, d, e) -> bool:
     whose autograd kernel refuses a double backward), not compiling or tracing, plain tensors, no dispatch mode.
     Everything that can watch a call (torch.compile, jit tracing, dispatch modes, tensor subclasses) sees the
     custom ops."""
-    return (type(a) in _PLAIN and type(b) in _PLAIN and type(c) in _PLAIN and type(d) in _PLAIN
-            and type(e) in _PLAIN and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    # is_compiling first: dynamo must not trace the dispatch-mode query (a graph break)
+    return (not torch.compiler.is_compiling() and type(a) in _PLAIN and type(b) in _PLAIN and type(c) in _PLAIN
+            and type(d) in _PLAIN and type(e) in _PLAIN and not torch.is_grad_enabled()
+            and _get_current_dispatch_mode() is None and not torch.jit.is_tracing())
 
 
 def _launch_bwd(dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,

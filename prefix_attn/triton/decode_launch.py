@@ -150,7 +150,7 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
         cap_in, cap_out, has_cap = launch._softcap_args(softmax_scale, softcap)
         block_d = tuning.block_d(head_dim)
         if p.prefix_items + p.text_items:
-            launch._prefix_attn_fwd_kernel[p.grid(heads_kv)](  # the launcher's (fast launch) path
+            launch._prefix_attn_fwd_kernel.run(p.grid(heads_kv),  # the launcher's (fast launch) path
                 q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, dummy, dummy, dummy, part_o, part_l,
                 *q.stride(), *k.stride(), *v.stride(), *bank.strides(), *mask_strides,
                 heads_q * len_q * head_dim, len_q * head_dim, head_dim, 1, heads_q * len_q, len_q,  # the scratch
@@ -162,7 +162,7 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
                 PREFIX_ROWS=prefix_rows, KEYS_PER_SPLIT=p.keys_per_split,
                 num_warps=p.num_warps, num_stages=p.num_stages,
             )
-        _prefix_attn_combine_kernel[(_cdiv(n_queries, COMBINE_ROWS),)](
+        _prefix_attn_combine_kernel.run((_cdiv(n_queries, COMBINE_ROWS),),
             part_o, part_l, out, lse, n_queries, p.splits,
             HEAD_DIM=head_dim, BLOCK_R=COMBINE_ROWS, BLOCK_D=block_d, num_warps=2,
         )

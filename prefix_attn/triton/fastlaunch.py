@@ -1,6 +1,7 @@
 """Kernel launches without Triton's per-call work: the compiled kernel of a specialisation, called directly.
 
-    FastKernel(jit_fn)[grid](*args, **kwargs)    # as jit_fn[grid](*args, **kwargs); or .run(grid, *args, ...)
+    FastKernel(jit_fn)[grid](*args, **kwargs)    # as jit_fn[grid](*args, **kwargs)
+    FastKernel(jit_fn).run(grid, *args, **kwargs)  # the same, without packing ~60 arguments twice (~1 us)
 
 ``grid`` a tuple of 1 to 3 ints; ``args`` the kernel's runtime arguments, in order (tensors, ints, floats, bools);
 ``kwargs`` its ``tl.constexpr`` arguments by name and the launch options (``num_warps``, ``num_stages``).

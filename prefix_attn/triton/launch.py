@@ -259,7 +259,7 @@ def _fwd(q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mask, cau
 
     def run(cfg: tuning.Blocks):
         grid = (_cdiv(len_q, cfg.block_m), batch * heads_q)
-        _prefix_attn_fwd_kernel[grid](
+        _prefix_attn_fwd_kernel.run(grid,
             q, k, v, bank.k, bank.v, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k, drop.seed, out, lse,
             *lay.s(q), *lay.s(k), *lay.s(v), *bank.strides(), *mask_strides, *lay.s(out), *lay.lse_strides(),
             heads_q, heads_q // heads_kv, len_q, len_k, num_prefix, softmax_scale * LOG2E, cap_in, cap_out,
@@ -353,7 +353,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
     delta = torch.empty_like(lse)
     pre_m = 64 if not _interpreting() else 16
     pre_batch, pre_rows = lay.rows()  # packed: one "row" of total_q queries
-    _prefix_attn_bwd_preprocess_kernel[(_cdiv(pre_rows, pre_m), pre_batch * heads_q)](
+    _prefix_attn_bwd_preprocess_kernel.run((_cdiv(pre_rows, pre_m), pre_batch * heads_q),
         out, dout, delta, *lay.s(out), *s_dout, heads_q, pre_rows,
         HEAD_DIM=head_dim, BLOCK_M=pre_m, BLOCK_D=bd,
     )
@@ -361,7 +361,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
 
     if need_dkv:
         def run_dkdv(cfg: tuning.Blocks):
-            _prefix_attn_bwd_dkdv_kernel[(_cdiv(len_k, cfg.block_n), batch * heads_kv)](
+            _prefix_attn_bwd_dkdv_kernel.run((_cdiv(len_k, cfg.block_n), batch * heads_kv),
                 q, k, v, dout, lse, delta, mask, lay.cu_q, lay.cu_k, drop.seed, dk, dv,
                 *s_q, *s_k, *s_v, *s_dout, *mask_strides, *lay.s(dk), *lse_strides,
                 heads_q, heads_kv, group, len_q, len_k, num_prefix, qk_scale, softmax_scale, cap_in, cap_out,
@@ -389,7 +389,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
             partial_k = torch.empty((splits, split_stride), dtype=torch.float32, device=q.device)
             partial_v = torch.empty_like(partial_k)
             for start, block_n, n_blocks in pieces:
-                _prefix_attn_bwd_dprefix_kernel[(n_blocks, heads_kv, used * splits)](
+                _prefix_attn_bwd_dprefix_kernel.run((n_blocks, heads_kv, used * splits),
                     q, bank.k, bank.v, dout, lse, delta, rows, start_row, count, entry, bank.lengths_arg,
                     lay.cu_q, drop.seed, partial_k, partial_v,
                     *s_q, *s_bank, *s_dout, *lse_strides,
@@ -400,7 +400,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
                 )
             # one launch sums the splits in a fixed order and casts both gradients: bitwise reproducible
             reduce_block = 1024 if not _interpreting() else 256
-            _prefix_attn_reduce_kernel[(_cdiv(numel, reduce_block),)](
+            _prefix_attn_reduce_kernel.run((_cdiv(numel, reduce_block),),
                 partial_k, partial_v, dpk, dpv, entry, splits, split_stride, numel, per_entry, HAS_IDS=not bank.shared,
                 BLOCK=reduce_block,
             )
@@ -408,7 +408,7 @@ def _bwd(dout, q, k, v, bank: _Bank, lay: _Layout, drop: _Dropout, attention_mas
         run_dprefix(tuning.config("dprefix", q.dtype, head_dim, dims + (batch,), q.device, run_dprefix))
     if need_dq:
         def run_dq(cfg: tuning.Blocks):
-            _prefix_attn_bwd_dq_kernel[(_cdiv(len_q, cfg.block_m), batch * heads_q)](
+            _prefix_attn_bwd_dq_kernel.run((_cdiv(len_q, cfg.block_m), batch * heads_q),
                 q, k, v, bank.k, bank.v, dout, lse, delta, mask, bank.ids_arg, bank.lengths_arg, lay.cu_q, lay.cu_k,
                 drop.seed, dq, *s_q, *s_k, *s_v, *s_bank, *s_dout, *mask_strides,
                 *lay.s(dq), *lse_strides,

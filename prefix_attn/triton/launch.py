@@ -67,14 +67,16 @@ _DUMMIES = {}
 
 
 def _dummy(t: torch.Tensor) -> torch.Tensor:
-    """The pointer argument of a switched-off input (no mask, ids, lengths, cu_seqlens, seed): one int32 tensor per
-    device, 16-byte aligned, never read (the kernels read them only under their constexpr switch). Passing q
-    instead repeated q's dtype and alignment in those arguments' launch keys."""
+    """The pointer argument of a switched-off input (no mask, ids, lengths, cu_seqlens, seed): one empty int32
+    tensor per device, never read (the kernels read them only under their constexpr switch). Passing q instead
+    repeated q's dtype and alignment in those arguments' launch keys. Empty: it owns no memory (a null pointer,
+    16-byte aligned for Triton's key; the CUDA launcher passes it through), so one first made while a CUDA graph
+    is captured (torch.compile's "reduce-overhead") holds nothing of the graph's memory pool."""
     key = t.is_cuda, t.get_device()  # (False, -1) on the CPU; cheaper than t.device
     try:
         return _DUMMIES[key]
     except KeyError:
-        dummy = _DUMMIES[key] = torch.zeros(4, dtype=torch.int32, device=t.device)
+        dummy = _DUMMIES[key] = torch.empty(0, dtype=torch.int32, device=t.device)
         return dummy
 
 

@@ -131,6 +131,58 @@ def test_the_grid_runs_several_splits_and_tiles(small_splits):
     assert any(p.text_items > c.batch * p.text_splits for p, c in zip(plans, SPLIT_GRID))  # several query tiles
 
 
+def _scratch_bytes(plan, batch, heads_q, len_q, head_dim):
+    return plan.splits * batch * heads_q * len_q * (head_dim + 1) * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_a_short_text_does_not_cut_a_long_prefix(dtype):
+    """The prefix is sized on its own (a 100-key text once cut a 32k prefix at 128 keys: 257 splits, a 4.3 GB
+    scratch at B = 64, Hq = 32, Tq = 16, D = 128): on an H100's 132 SMs the scratch stays small, a shared prefix or
+    a bank; one row still splits the prefix to fill the GPU, under MAX_SPLITS per query."""
+    from prefix_attn.triton import tuning
+
+    tuning.gpu_tiles(True)
+    try:
+        for used, rows in ((1, 64), (8, 8), (3, 40)):
+            plan = decode_launch.plan(64, 8, 4, 16, 100, 32768, dtype, 128, 132, used, rows)
+            assert plan.splits <= 4 and _scratch_bytes(plan, 64, 32, 16, 128) < 256 << 20, plan
+            assert plan.grid(8)[0] * 8 >= 132  # still a full wave
+        plan = decode_launch.plan(1, 8, 4, 1, 100, 32768, dtype, 128, 132)
+        assert 8 <= plan.prefix_splits and plan.splits <= decode_launch.MAX_SPLITS, plan
+        assert plan.prefix_splits == -(-32768 // plan.prefix_keys_per_split) and plan.text_splits == 1
+    finally:
+        tuning.gpu_tiles(False)
+
+
+def test_splits_per_query_are_capped(small_splits, monkeypatch):
+    """More splits wanted than MAX_SPLITS: the keys per split grow, text and prefix share the cap; the result is
+    unchanged."""
+    monkeypatch.setattr(decode_launch, "MAX_SPLITS", 6)
+    case = Case(2, 2, 2, 3, 113, 70, 16, masked=True)
+    plan = _check(case, torch.float32, monkeypatch)
+    assert plan.splits <= 6 and plan.text_splits >= 2 and plan.prefix_splits >= 2, plan
+    assert plan.keys_per_split > 16 and plan.prefix_keys_per_split > 16
+
+
+def test_a_bank_entry_with_fewer_rows_than_the_most(small_splits):
+    """A bank whose entries hold 3 and 2 rows of 12 queries (16-row tiles): the smaller entry's third tile has no
+    query (its key range is empty, it stores nothing); several prefix splits; out and lse as the reference's."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 8, 3, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(5, 2, 20, 16, generator=g).to(DEVICE) for _ in range(2))
+    pk, pv = (torch.randn(3, 2, 40, 16, generator=g).to(DEVICE) for _ in range(2))
+    ids = torch.tensor([2, 0, 2, 2, 0], device=DEVICE)
+    lengths = torch.tensor([33, 5, 40], dtype=torch.int32, device=DEVICE)
+    plan = decode_launch.plan(5, 2, 4, 3, 20, 40, torch.float32, 16, decode_launch._sms(q.device), 2, 3)
+    assert plan.block_m == 16 and plan.prefix_splits >= 2 and plan.prefix_items == 2 * plan.prefix_splits * 3
+    out, lse = decode_launch.decode_fwd(q, k, v, pk, pv, None, True, 0.25, prefix_ids=ids, prefix_lengths=lengths)
+    want, want_lse = prefix_attention_reference(*(t.double() for t in (q, k, v, pk, pv)), softmax_scale=0.25,
+                                                prefix_ids=ids, prefix_lengths=lengths, return_lse=True)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("splits", ["one", "many"])
 def test_lse_and_a_query_that_sees_nothing(splits, small_splits, monkeypatch):
     """The launcher's lse equals the reference's (natural log); P = 0 and a fully padded row: output 0, lse +inf."""

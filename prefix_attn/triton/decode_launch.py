@@ -16,10 +16,12 @@ Returns out like q (contiguous) and lse float32 [B, Hq, Tq] (natural log, +inf f
    lse) to a scratch.
 2. ``_prefix_attn_combine_kernel`` merges each query's splits by log-sum-exp and writes out in q's dtype and lse.
 
-The split size fills the GPU: about ``PROGRAMS_PER_SM`` text programs per SM, each at least ``MIN_KEYS_PER_SPLIT``
-keys; the prefix is cut at the same size. Everything is computed from shapes (no host read), so a step with a
-shared prefix can be captured by a CUDA graph; a bank groups its rows by entry with one host read per prefix_ids
-tensor (memoised, ``checks.group_rows``).
+The split sizes fill the GPU: about ``PROGRAMS_PER_SM`` text programs per SM, each at least ``MIN_KEYS_PER_SPLIT``
+keys, and the prefix sized on its own by the same rule over its tiles (a short text must not cut a long prefix into
+hundreds of splits: the scratch grows with the splits, and the combine reads them all); at most ``MAX_SPLITS``
+splits per query in all, the keys per split grown to fit. Everything is computed from shapes (no host read), so a
+step with a shared prefix can be captured by a CUDA graph; a bank groups its rows by entry with one host read per
+prefix_ids tensor (memoised, ``checks.group_rows``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ MIN_KEYS_PER_SPLIT = 128
 # 4 warps: a bank's 64 x 64 x 128 tile spills 16 B and 64 x 32 x 256 464 B; 32 x 64 x 128 and 16 x 32 x 256 none).
 # float32 keeps the table's smaller tile.
 MAX_BLOCK_M = 64
+# Partials per query (text and prefix splits), at most: the scratch is splits * B * Hq * Tq * (D + 1) float32 and the
+# combine reads every split of a query. The rule above stays far below it at real sizes; a guard for many SMs.
+MAX_SPLITS = 64
 COMBINE_ROWS = 4  # queries per program of the combine kernel
 INTERPRETER_SMS = 2  # the SM count the split rule assumes under TRITON_INTERPRET (small tests get several splits)
 
@@ -57,7 +62,8 @@ class Plan(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    keys_per_split: int
+    keys_per_split: int  # text keys per split
+    prefix_keys_per_split: int
     prefix_splits: int
     text_splits: int
     prefix_items: int  # per kv head
@@ -90,15 +96,23 @@ def plan(batch: int, heads_kv: int, group: int, len_q: int, len_k: int, num_pref
     if dtype in (torch.float32, torch.float64) and tuning.block_d(head_dim) >= 128:
         block_n = min(block_n, 16)  # sm_90 compile report, float32 D = 128: 16 x 32 tiles spill 312 B, 16 x 16 none
     tiles = _cdiv(per_row, block_m)
-    n_blocks = _cdiv(len_k, block_n)
+    p_tiles = _cdiv(prefix_rows * per_row, block_m)
     min_blocks = max(1, MIN_KEYS_PER_SPLIT // block_n)
-    splits = max(1, min(PROGRAMS_PER_SM * sms // max(1, batch * heads_kv * tiles), n_blocks // min_blocks))
-    keys_per_split = max(_cdiv(n_blocks, splits), min_blocks) * block_n
-    prefix_splits = _cdiv(num_prefix, keys_per_split) if used else 0
+    programs = PROGRAMS_PER_SM * sms
+    # splits wanted: about `programs` programs each, every split at least min_blocks key blocks
+    text_blocks, prefix_blocks = _cdiv(len_k, block_n), _cdiv(num_prefix, block_n) if used else 0
+    text_want = max(1, min(programs // max(1, batch * heads_kv * tiles), text_blocks // min_blocks))
+    prefix_want = max(1, min(programs // max(1, used * heads_kv * p_tiles), prefix_blocks // min_blocks))
+    if text_want + prefix_want > MAX_SPLITS:  # fewer, longer splits, shared in proportion
+        text_want = max(1, min(MAX_SPLITS - 1, text_want * MAX_SPLITS // (text_want + prefix_want)))
+        prefix_want = MAX_SPLITS - text_want
+    keys_per_split = max(_cdiv(text_blocks, text_want), min_blocks) * block_n
+    prefix_keys_per_split = max(_cdiv(prefix_blocks, prefix_want), min_blocks) * block_n
+    prefix_splits = _cdiv(num_prefix, prefix_keys_per_split) if used else 0
     text_splits = _cdiv(len_k, keys_per_split)
-    prefix_items = used * prefix_splits * _cdiv(prefix_rows * per_row, block_m)
-    return Plan(block_m, block_n, min(cfg.num_warps, 4), cfg.num_stages, keys_per_split, prefix_splits,
-                text_splits, prefix_items, batch * text_splits * tiles)
+    prefix_items = used * prefix_splits * p_tiles
+    return Plan(block_m, block_n, min(cfg.num_warps, 4), cfg.num_stages, keys_per_split, prefix_keys_per_split,
+                prefix_splits, text_splits, prefix_items, batch * text_splits * tiles)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -109,7 +123,7 @@ def _cached_plan(args: tuple, constants: tuple) -> Plan:
 def _plan(*args) -> Plan:
     """``plan(*args)``, once per shape and setting (the module's constants and the tile table's state are part of
     the key: tests change them)."""
-    return _cached_plan(args, (PROGRAMS_PER_SM, MIN_KEYS_PER_SPLIT, MAX_BLOCK_M, tuning.interpreting(),
+    return _cached_plan(args, (PROGRAMS_PER_SM, MIN_KEYS_PER_SPLIT, MAX_BLOCK_M, MAX_SPLITS, tuning.interpreting(),
                                tuning.gpu_tiles()))
 
 
@@ -159,7 +173,7 @@ def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softma
                 CAUSAL=bool(causal), HAS_MASK=has_mask, PRECISION=launch._precision(q.dtype), SOFTCAP=has_cap,
                 **flags, VARLEN=False, DROPOUT=False, HEAD_DIM=head_dim, BLOCK_M=p.block_m,
                 BLOCK_N=p.block_n, BLOCK_D=block_d, SPLIT_KV=True, ROW_PLAN=row_plan, BATCH=batch, USED=used,
-                PREFIX_ROWS=prefix_rows, KEYS_PER_SPLIT=p.keys_per_split,
+                PREFIX_ROWS=prefix_rows, KEYS_PER_SPLIT=p.keys_per_split, PREFIX_KEYS_PER_SPLIT=p.prefix_keys_per_split,
                 num_warps=p.num_warps, num_stages=p.num_stages,
             )
         _prefix_attn_combine_kernel.run((_cdiv(n_queries, COMBINE_ROWS),),

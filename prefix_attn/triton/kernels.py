@@ -39,9 +39,12 @@ cascade prefix): the grid is (work items, Hkv) and a work item is one split of t
 one kv head, the queries folded row-major as (row, query head of the GQA group, query):
 
     prefix item (entry in use u, split s, tile):  every row on entry u (a shared prefix: every row) against prefix
-                                                  slots [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT): the prefix
-                                                  is read once per tile, not once per row
-    text item (row b, split s, tile):             row b's GROUP * Tq queries against its text keys of split s
+                                                  slots [s * PREFIX_KEYS_PER_SPLIT, (s + 1) * PREFIX_KEYS_PER_SPLIT):
+                                                  the prefix is read once per tile, not once per row; a tile past the
+                                                  entry's rows (a bank's entry with fewer rows than the most) has an
+                                                  empty range and stores nothing
+    text item (row b, split s, tile):             row b's GROUP * Tq queries against its text keys
+                                                  [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT)
 
 Prefix items come first. ROW_PLAN (int32, a bank only) is [entry [USED], first [USED], count [USED], rows [BATCH]]:
 the entries some row chose and the rows grouped by entry (``checks.group_rows``). Each item writes float32 partials
@@ -69,7 +72,7 @@ LN2 = 0.6931471805599453
 # the head dim: vector loads), and they are fixed by the head dim for the usual layouts.
 GENERIC_INTS = ("H", "HKV", "GROUP", "Tq", "Tk", "P", "N_START", "UNITS", "UNITS_PER_SPLIT", "SPLITS", "NUMEL",
                 "PER_ENTRY", "drop_thr", "stride_mb", "stride_mn", "stride_lb", "stride_lh", "BATCH", "USED",
-                "PREFIX_ROWS", "KEYS_PER_SPLIT", "N_QUERIES")
+                "PREFIX_ROWS", "KEYS_PER_SPLIT", "PREFIX_KEYS_PER_SPLIT", "N_QUERIES")
 
 
 @triton.jit
@@ -259,15 +262,15 @@ def _fwd_step(acc, m_i, l_i, q, k_t, v, visible, qk_scale, cap_in, cap_out, seed
 
 
 @triton.jit
-def _split_item(ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, HAS_IDS: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+def _split_item(ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, PREFIX_KEYS_PER_SPLIT,
+                HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
     """The work item of a SPLIT_KV program (see the module docstring): (kv head hk, text row b, prefix entry e,
     scratch slot, prefix slots [p_lo, p_hi), text keys [t_lo, t_hi), and per query of the tile [BLOCK_M]: row,
     query head, query index, valid). A prefix item's text range and a text item's prefix range are empty."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     per_row = GROUP * Tq  # queries of one row and kv head
-    p_splits = tl.cdiv(P, KEYS_PER_SPLIT)
+    p_splits = tl.cdiv(P, PREFIX_KEYS_PER_SPLIT)
     p_tiles = tl.cdiv(PREFIX_ROWS * per_row, BLOCK_M)
     n_prefix = USED * p_splits * p_tiles
     is_p = pid < n_prefix
@@ -293,13 +296,16 @@ def _split_item(ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_S
     row = tl.where(is_p, first + r, owner + r)  # a text item's valid queries have r = 0
     if HAS_IDS:  # (r < a scalar, not valid & is_p: the interpreter rejects a mask broadcast from a scalar)
         row = tl.where(is_p, tl.load(ROW_PLAN + 3 * USED + row, mask=r < tl.where(is_p, count, 0), other=0), row)
-    lo = split * KEYS_PER_SPLIT
-    p_hi = tl.where(is_p, lo + KEYS_PER_SPLIT, 0)
-    t_hi = tl.where(is_p, 0, tl.minimum(lo + KEYS_PER_SPLIT, Tk))
+    keys = tl.where(is_p, PREFIX_KEYS_PER_SPLIT, KEYS_PER_SPLIT)
+    lo = split * keys
+    # a prefix tile with no query on its entry (tile * BLOCK_M >= count * per_row) reads no key: every row of it is
+    # invalid, so it stores nothing (the combine reads each row's partials from its own entry's tiles)
+    p_lo = tl.where(is_p, lo, 0)
+    p_hi = tl.where(is_p & (tile * BLOCK_M < count * per_row), lo + keys, p_lo)
+    t_hi = tl.where(is_p, 0, tl.minimum(lo + keys, Tk))
     slot = tl.where(is_p, split, p_splits + split)
     b = tl.where(is_p, 0, owner).to(tl.int64)
-    return hk, b, e, slot, tl.where(is_p, lo, 0), p_hi, tl.where(is_p, 0, lo), t_hi, row, hk * GROUP + i // Tq, \
-        i % Tq, valid
+    return hk, b, e, slot, p_lo, p_hi, tl.where(is_p, 0, lo), t_hi, row, hk * GROUP + i // Tq, i % Tq, valid
 
 
 @triton.jit(do_not_specialize=GENERIC_INTS)
@@ -319,6 +325,7 @@ def _prefix_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     # split-KV decoding only (None otherwise: constexpr, not kernel arguments); O and LSE are then the scratch
     SPLIT_KV: tl.constexpr = False, ROW_PLAN=None, BATCH=None, USED=None, PREFIX_ROWS=None, KEYS_PER_SPLIT=None,
+    PREFIX_KEYS_PER_SPLIT=None,
 ):
     tl.static_assert(not (SPLIT_KV and (VARLEN or DROPOUT)), "SPLIT_KV takes padded inputs without dropout")
     rows_m = tl.arange(0, BLOCK_M)
@@ -326,7 +333,8 @@ def _prefix_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     if SPLIT_KV:
         hk, b, e, slot, p_lo, p_hi, t_lo, t_hi, q_row, q_head, pos_m, m_valid = _split_item(
-            ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, HAS_IDS, BLOCK_M)
+            ROW_PLAN, BATCH, GROUP, Tq, Tk, P, USED, PREFIX_ROWS, KEYS_PER_SPLIT, PREFIX_KEYS_PER_SPLIT, HAS_IDS,
+            BLOCK_M)
         h = 0
         k_row0 = 0
         start_m = 0
@@ -442,8 +450,8 @@ def _prefix_attn_combine_kernel(
     """The merge of SPLIT_KV's partials by log-sum-exp: PART_O [SPLITS, N_QUERIES, HEAD_DIM] float32 (normalised),
     PART_L [SPLITS, N_QUERIES] (base 2, -inf for a split that saw no key) -> O [N_QUERIES, HEAD_DIM] in O's dtype,
     LSE [N_QUERIES] float32 (natural log, +inf for a query that saw no key: output 0). Contiguous, BLOCK_R queries
-    a program."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    a program. Offsets are 64-bit: N_QUERIES * HEAD_DIM may pass 2**31."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     ok = rows < N_QUERIES
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -455,14 +463,15 @@ def _prefix_attn_combine_kernel(
     l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     part_l = PART_L
-    part_o = PART_O  # a running 64-bit pointer: no 32-bit split * N_QUERIES * HEAD_DIM product
+    part_o = PART_O  # a running pointer: no split * N_QUERIES * HEAD_DIM product
+    o_step = N_QUERIES.to(tl.int64) * HEAD_DIM
     for _ in range(0, SPLITS):
         w = tl.math.exp2(tl.load(part_l + rows, mask=ok, other=float("-inf")) - m)
         part = _load(part_o, rows, offs_d, HEAD_DIM, 1, ok, HEAD_DIM, BLOCK_D, True)
         l_sum += w
         acc += w[:, None] * part  # NaN in a split stays NaN, as in plain attention
         part_l += N_QUERIES
-        part_o += N_QUERIES * HEAD_DIM
+        part_o += o_step
     empty = l_sum == 0.0
     l_safe = tl.where(empty, 1.0, l_sum)
     _store(O, rows, offs_d, HEAD_DIM, 1, (acc / l_safe[:, None]).to(O.dtype.element_ty), ok, HEAD_DIM, BLOCK_D)

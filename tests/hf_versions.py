@@ -1,9 +1,9 @@
 """What differs between the transformers releases the Hugging Face tests run on, and the generation oracle.
 
 transformers 5.24 renamed past_key_values to cache (model and layer signatures, model and generate outputs); peft
-0.21.2's own generate() drops its prefix there (its prepare step passes past_key_values), so from 5.24 PEFT is the
-oracle of the forward pass only, and generation is checked against decoding without a cache through the same
-enabled model.
+0.21.2's own generate() drops its prefix there (its prepare step passes past_key_values; peft 0.22 passes cache and
+keeps it), so from 5.24 PEFT is the oracle of the forward pass, and generation is checked against decoding without
+a cache through the same enabled model, whichever peft is installed.
 """
 
 import torch

@@ -88,7 +88,7 @@ def test_generate_matches_peft_row_by_row(kind, beams):
         got = ours.generate(input_ids=ids, attention_mask=mask, prefix_ids=bank.ids(ROWS), **kw)
         for name, pm in peft_models.items():
             rows = [i for i, r in enumerate(ROWS) if r == name]
-            if NEW_CACHE:  # PEFT's generate drops its prefix from 5.24: those rows alone, without a cache
+            if NEW_CACHE:  # peft 0.21.2's generate drops its prefix from 5.24: those rows alone, without a cache
                 want = ours.generate(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
                                      prefix_ids=bank.ids([name] * len(rows)), **kw)
             else:

@@ -2,8 +2,8 @@
 
 The oracle is PEFT's construction run on the stock model: the prefix K/V of every layer in a ``DynamicCache``, the
 attention mask extended by P ones, BERT's absolute positions counted from the cache length P. On transformers
-releases where PEFT's own SEQ_CLS / TOKEN_CLS prefix model runs (5.23), it is compared with PEFT as well; on 5.24
-PEFT refuses BERT ("does not support past key values").
+releases where PEFT's own SEQ_CLS / TOKEN_CLS prefix model runs (peft 0.22: 5.23 to 5.25; peft 0.21.2: 5.23 only), it
+is compared with PEFT as well; peft 0.21.2 refuses BERT from 5.24 ("does not support past key values").
 """
 
 import copy

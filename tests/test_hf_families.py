@@ -197,7 +197,7 @@ def test_matches_peft(name):
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         got = ours.generate(input_ids=prompts, attention_mask=prompt_mask, **kw)
-        if NEW_CACHE:  # PEFT's generate drops its prefix here: the same model without a cache is the oracle
+        if NEW_CACHE:  # peft 0.21.2's generate drops its prefix here: the same model without a cache is the oracle
             assert torch.equal(got, greedy_without_cache(ours, prompts, prompt_mask, 5))
         else:
             assert torch.equal(got, pm.generate(input_ids=prompts, attention_mask=prompt_mask, **kw))

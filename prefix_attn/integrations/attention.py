@@ -40,7 +40,8 @@ try:
     from transformers.utils.import_utils import is_tracing
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "prefix_attn.integrations.transformers needs transformers>=5: pip install 'prefix_attn[hf]'"
+        "prefix_attn.integrations.transformers needs transformers>=5.23 and peft: pip install 'transformers>=5.23' peft"
+        " (or, from a clone, pip install --no-build-isolation -e '.[hf]')"
     ) from exc
 
 __all__ = ["ATTN_IMPLEMENTATION", "GROUPS_KWARG", "TESTED_TRANSFORMERS", "check_version", "check_seq_idx",

@@ -63,6 +63,11 @@ def test_device_mismatch_is_named():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    from prefix_attn import backends
+
+    # the Triton launchers load first, under the session's own setting: kernels decorated while the variable reads 0
+    # would stay compiled-only for every later test of this process
+    backends.triton_status()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises((ValueError, RuntimeError), match=r"backend='triton'"):
         call(backend="triton")

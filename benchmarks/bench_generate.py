@@ -7,8 +7,8 @@ Small models built from configs (4 layers, width 256; no downloads). Both genera
 left-padded prompts, with the same prefix (``PrefixTuning.from_peft``): PEFT's cache holds the prefix copied into
 every row; prefix_attn's holds the text only and its decode path reads the prefix once per step for all rows. The
 tokens are compared first (they must be equal). Tokens/s = batch * new tokens / median seconds of the
-``generate()`` call, over interleaved rounds. peft 0.21.2's ``generate()`` drops its prefix from transformers
-5.24 on: there PEFT's row is not run (the results say so); run with transformers 5.23 for it.
+``generate()`` call, over interleaved rounds. peft 0.21's ``generate()`` drops its prefix from transformers 5.24
+on: with that pair PEFT's row is not run (the results say so); peft 0.22 keeps it on every tested release.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     rounds = 2 if args.quick else args.rounds
-    peft_works = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24)
+    release = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    peft_works = release < (5, 24) or tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)
     lines = [f"# generate() with a shared prefix: {cpu_model()}, {torch.get_num_threads()} threads", "",
              f"float32, batch {args.batch}, P={args.prefix}, prompts {args.prompt} tokens (left-padded), "
              f"{args.new} new tokens, greedy; torch {torch.__version__}, transformers {transformers.__version__}, "

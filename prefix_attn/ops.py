@@ -150,16 +150,20 @@ def _below_autograd(op, *args):
         return op(*args)
 
 
-def _direct(a, b, c, d, e) -> bool:
-    """Whether the autograd Function (or eager inference) may call the launcher itself, without the custom op's
-    dispatch (about 8 us of host time per op call): grad mode off (a backward with create_graph=True keeps the op,
-    whose autograd kernel refuses a double backward), not compiling or tracing, plain tensors, no dispatch mode.
-    Everything that can watch a call (torch.compile, jit tracing, dispatch modes, tensor subclasses) sees the
-    custom ops."""
+def _unwatched(a, b, c, d, e) -> bool:
+    """Whether nothing can watch a call on these tensors: not compiling or tracing, plain tensors, no dispatch mode.
+    Everything that can (torch.compile, jit tracing, dispatch modes, tensor subclasses) must see the custom ops."""
     # is_compiling first: dynamo must not trace the dispatch-mode query (a graph break)
     return (not torch.compiler.is_compiling() and type(a) in _PLAIN and type(b) in _PLAIN and type(c) in _PLAIN
-            and type(d) in _PLAIN and type(e) in _PLAIN and not torch.is_grad_enabled()
-            and _get_current_dispatch_mode() is None and not torch.jit.is_tracing())
+            and type(d) in _PLAIN and type(e) in _PLAIN and _get_current_dispatch_mode() is None
+            and not torch.jit.is_tracing())
+
+
+def _direct(a, b, c, d, e) -> bool:
+    """Whether the autograd Function may call the launcher itself, without the custom op's dispatch (about 8 us of
+    host time per op call): grad mode off (a backward with create_graph=True keeps the op, whose autograd kernel
+    refuses a double backward) and nothing watching (:func:`_unwatched`)."""
+    return not torch.is_grad_enabled() and _unwatched(a, b, c, d, e)
 
 
 def _launch_bwd(dout, q, k, v, prefix_k, prefix_v, mask, ids, lengths, cu_q, cu_k, max_q, max_k, out, lse, causal,
@@ -244,12 +248,10 @@ def apply(q, k, v, prefix_k, prefix_v, *, attention_mask=None, prefix_ids=None, 
     # eager inference (generate()): the launcher itself, without the custom op's and autograd's dispatch (about
     # 25 us a call, more than a decode step's kernel at B = 1); torch.compile and training go through both
     # (plain tensors, no dispatch mode or tracer watching: those see the custom op)
-    direct = (not needs_grad and not compiling and not torch.jit.is_tracing() and type(q) in _PLAIN
-              and type(k) in _PLAIN and type(v) in _PLAIN and type(prefix_k) in _PLAIN and type(prefix_v) in _PLAIN
-              and _get_current_dispatch_mode() is None)
+    direct = not needs_grad and _unwatched(q, k, v, prefix_k, prefix_v)
     forward = _launch_fwd if direct else _fwd_op
     if decode.applies(q, prefix_k, prefix_v, packed, dropout_p, needs_grad, backend) and not (
-            prefix_ids is not None and torch.compiler.is_compiling()):  # a bank groups its rows on the host
+            prefix_ids is not None and compiling):  # a bank groups its rows on the host
         _check_values(q, k, prefix_k, prefix_ids, prefix_lengths, None, None, 0, 0)
         if backend == "triton":  # split-KV decoding: two launches (decode.split_forward)
             return decode.split_forward(q, k, v, prefix_k, prefix_v, mask, prefix_ids, prefix_lengths, causal, scale,

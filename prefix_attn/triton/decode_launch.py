@@ -139,7 +139,7 @@ def _row_plan(bank: launch._Bank):
 def decode_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, softmax_scale: float, softcap: float = 0.0,
                prefix_ids=None, prefix_lengths=None):
     """-> (out [B, Hq, Tq, D] like q, lse float32 [B, Hq, Tq]); see the module docstring."""
-    q, softmax_scale = launch.positive_scale(q, softmax_scale)  # the kernels need softmax_scale > 0
+    q, softmax_scale, _ = launch.positive_scale(q, softmax_scale)  # the kernels need softmax_scale > 0
     with launch._on_device(q):
         batch, heads_q, len_q, head_dim = q.shape
         heads_kv, len_k = k.shape[1], k.shape[2]

@@ -112,7 +112,7 @@ def prefix_attn_fwd(q, k, v, prefix_k, prefix_v, attention_mask, causal: bool, s
                     dropout_seed=None):
     """Padded ([B, H, T, D]) or, with cu_seqlens_q/k, packed ([total, H, D]) inputs; lse [B, Hq, Tq] or
     [Hq, total_q]. dropout_seed: int64 0-d tensor on q's device, needed when dropout_p > 0."""
-    q, softmax_scale = positive_scale(q, softmax_scale)
+    q, softmax_scale, _ = positive_scale(q, softmax_scale)
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
         layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -125,31 +125,31 @@ def prefix_attn_bwd(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse,
                     need_dprefix: bool = True, prefix_ids=None, prefix_lengths=None, cu_seqlens_q=None,
                     cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0, dropout_p: float = 0.0,
                     dropout_seed=None):
-    factor = -1.0 if softmax_scale < 0 else 0.0 if softmax_scale == 0 else 1.0
-    q, softmax_scale = positive_scale(q, softmax_scale)
+    q, softmax_scale, dq_factor = positive_scale(q, softmax_scale)
     with _on_device(q):
         bank = _Bank(prefix_k, prefix_v, prefix_ids, prefix_lengths, q)
         layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         drop = _Dropout(dropout_p, dropout_seed, q)
         grads = _bwd(dout, q, k, v, bank, layout, drop, attention_mask, out, lse, causal, softmax_scale, softcap,
                      need_dq, need_dkv, need_dprefix)
-    if factor != 1.0 and grads[0] is not None:  # the gradient of q * factor
-        grads[0].mul_(factor)
+    if dq_factor != 1.0 and grads[0] is not None:  # the gradient of q * dq_factor
+        grads[0].mul_(dq_factor)
     return grads
 
 
 def positive_scale(q, softmax_scale: float):
-    """(q, softmax_scale) as the kernels need them: softmax_scale > 0. They take a running max over the raw q.k
+    """(q, softmax_scale, dq_factor) as the kernels need them: softmax_scale > 0, and the factor that turns the
+    kernels' dQ into the gradient of the caller's q. They take a running max over the raw q.k
     products and scale it afterwards, and mask with -inf before scaling (-inf * 0 is NaN, -inf * -1 is +inf).
     A negative scale: (-q, -softmax_scale), exact: negation is exact and round-to-nearest symmetric, so every score
     scale * q.k is the same bits and so is dK = scale * dS^T q (dQ comes back negated: the caller negates it).
     A zero scale: (q * 0, 1.0): every score is 0 as 0 * q.k is (NaN where q or k is not finite, as there), dK = 0
     (the caller multiplies dQ by 0)."""
     if softmax_scale < 0:
-        return -q, -softmax_scale
+        return -q, -softmax_scale, -1.0
     if softmax_scale == 0:
-        return q * 0.0, 1.0
-    return q, softmax_scale
+        return q * 0.0, 1.0, 0.0
+    return q, softmax_scale, 1.0
 
 
 class _Layout:

@@ -283,20 +283,26 @@ def _remember(key) -> None:
         pass
 
 
+def _tensors_key(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths) -> tuple:
+    """Type, shape, dtype and device of the tensors both front doors check (the optional ones None when absent)."""
+    i, n = prefix_ids, prefix_lengths
+    return (type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
+            type(v), v.shape, v.dtype, v.device, type(prefix_k), prefix_k.shape, prefix_k.dtype, prefix_k.device,
+            type(prefix_v), prefix_v.shape, prefix_v.dtype, prefix_v.device,
+            None if i is None else (type(i), i.shape, i.dtype, i.device),
+            None if n is None else (type(n), n.shape, n.dtype, n.device))
+
+
 def _padded_key(q, k, v, prefix_k, prefix_v, attention_mask, softmax_scale, softcap, prefix_ids, prefix_lengths,
                 causal):
     """What ``check_padded`` reads of its arguments, as a tuple (None under torch.compile, whose tracer sees the
     checks, or for an argument without a tensor's attributes, which the checks refuse)."""
     if torch.compiler.is_compiling():
         return None
-    m, i, n = attention_mask, prefix_ids, prefix_lengths
+    m = attention_mask
     try:
-        return ("padded", type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
-                type(v), v.shape, v.dtype, v.device, type(prefix_k), prefix_k.shape, prefix_k.dtype, prefix_k.device,
-                type(prefix_v), prefix_v.shape, prefix_v.dtype, prefix_v.device,
+        return ("padded", _tensors_key(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths),
                 None if m is None else (type(m), m.shape, m.dtype, m.device),
-                None if i is None else (type(i), i.shape, i.dtype, i.device),
-                None if n is None else (type(n), n.shape, n.dtype, n.device),
                 type(softmax_scale), type(softcap), softcap, causal)
     except AttributeError:
         return None
@@ -360,14 +366,9 @@ def _packed_key(q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, softmax_s
     """What ``check_packed`` reads of its arguments, as a tuple (None as in ``_padded_key``)."""
     if torch.compiler.is_compiling():
         return None
-    i, n = prefix_ids, prefix_lengths
     try:
-        return ("packed", type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device,
-                type(v), v.shape, v.dtype, v.device, type(prefix_k), prefix_k.shape, prefix_k.dtype, prefix_k.device,
-                type(prefix_v), prefix_v.shape, prefix_v.dtype, prefix_v.device,
+        return ("packed", _tensors_key(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths),
                 type(cu_q), cu_q.shape, cu_q.dtype, cu_q.device, type(cu_k), cu_k.shape, cu_k.dtype, cu_k.device,
-                None if i is None else (type(i), i.shape, i.dtype, i.device),
-                None if n is None else (type(n), n.shape, n.dtype, n.device),
                 type(max_q), max_q, type(max_k), max_k, type(softmax_scale), type(softcap), softcap)
     except AttributeError:
         return None

@@ -56,23 +56,60 @@ def _cuobjdump() -> str:
     return path if os.path.exists(path) else "cuobjdump"
 
 
+# ----------------------------------------------------------------------------------------- the stand-in driver
+class _Launcher:
+    """The compiled launcher of one kernel: counts its calls and keeps the last call's arguments (grid, stream,
+    function, metadata, launch metadata, enter / exit hooks, kernel arguments); calls the hooks that are not None
+    with the launch metadata, as Triton's C launcher does, and launches nothing."""
+
+    def __init__(self, driver, src, metadata):
+        self.driver, self.name = driver, metadata.name
+
+    def __call__(self, *args):
+        self.driver.launches += 1
+        self.driver.last = (self.name, args)
+        launch_metadata, enter, exit_ = args[6:9]
+        if enter is not None:
+            enter(launch_metadata)
+        if exit_ is not None:
+            exit_(launch_metadata)
+
+
+class StandInDriver:
+    """What Triton asks of its driver to compile and launch a kernel, for a CUDA target without a GPU: device 0,
+    stream 0, a no-op launcher per compiled kernel, H100 limits (228 KiB shared memory, 1024 threads)."""
+
+    def __init__(self, arch: int = 90):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.launches = 0
+        self.last = None
+        self.launcher_cls = lambda src, metadata: _Launcher(self, src, metadata)
+        self.utils = types.SimpleNamespace(
+            load_binary=lambda name, kernel, shared, device: (object(), object(), 0, 0, 1024),
+            unload_module=lambda module: None,
+            get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132},
+        )
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
 def install_fake_driver(arch: int, rows: list, compile_fn=None) -> None:
     """Make Triton target sm_<arch> without a GPU. Launches compile (and report into rows) instead of running;
     with compile_fn(fn, key, signature, device, constexprs, options, attrs, warmup) that replaces compiling."""
-    class _Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(_Driver())
+    driver.set_active(StandInDriver(arch))
     original = jit.JITFunction.run
     if compile_fn is not None:
         jit.JITFunction._do_compile = compile_fn

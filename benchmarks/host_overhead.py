@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from typing import Callable, Dict, List, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton.jit decorates the kernels: the real (compiled) path
@@ -46,61 +45,10 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from compile_report import StandInDriver  # noqa: E402
 
 TARGETS = {"train": 6.0, "decode": 2.0}
 MAX_TRAIN_LAUNCHES = 6
-
-
-# ----------------------------------------------------------------------------------------- the stand-in driver
-class _Launcher:
-    """The compiled launcher of one kernel: counts its calls and keeps the last call's arguments (grid, stream,
-    function, metadata, launch metadata, enter / exit hooks, kernel arguments); calls the hooks that are not None
-    with the launch metadata, as Triton's C launcher does, and launches nothing."""
-
-    def __init__(self, driver, src, metadata):
-        self.driver, self.name = driver, metadata.name
-
-    def __call__(self, *args):
-        self.driver.launches += 1
-        self.driver.last = (self.name, args)
-        launch_metadata, enter, exit_ = args[6:9]
-        if enter is not None:
-            enter(launch_metadata)
-        if exit_ is not None:
-            exit_(launch_metadata)
-
-
-class StandInDriver:
-    """What Triton asks of its driver to compile and launch a kernel, for a CUDA target without a GPU: device 0,
-    stream 0, a no-op launcher per compiled kernel, H100 limits (228 KiB shared memory, 1024 threads)."""
-
-    def __init__(self, arch: int = 90):
-        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-
-        self.target = GPUTarget("cuda", arch, 32)
-        self.launches = 0
-        self.last = None
-        self.launcher_cls = lambda src, metadata: _Launcher(self, src, metadata)
-        self.utils = types.SimpleNamespace(
-            load_binary=lambda name, kernel, shared, device: (object(), object(), 0, 0, 1024),
-            unload_module=lambda module: None,
-            get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132},
-        )
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def is_active(self):
-        return True
 
 
 @contextlib.contextmanager
